@@ -1,0 +1,73 @@
+"""Label maps: built deterministically from training labels, saved with the model.
+
+Like transformers' ``run_glue.py``, labels are sorted so the same data always gives
+the same ``label2id``; the map is written into the model's ``config.json`` so a
+checkpoint describes itself and predictions decode to real names.
+
+Pure module: no ``ray``, no work at import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+
+def build_label_map(labels: Iterable) -> tuple[dict[str, int], dict[int, str]]:
+    """Return ``(label2id, id2label)`` for the distinct values of ``labels``.
+
+    Integer labels keep their numeric order (0, 1, ...), strings sort lexically. Keys of
+    ``label2id`` are strings, as Hugging Face configs store them.
+
+    Raises:
+        ValueError: no labels, or a mix of numbers and strings.
+    """
+    distinct = {_normalize(v) for v in labels}
+    if not distinct:
+        raise ValueError("no labels found: the label column is empty")
+    kinds = {type(v) for v in distinct}
+    if len(kinds) > 1:
+        raise ValueError(f"labels mix numbers and strings ({sorted(map(str, distinct))[:10]}); make the label column one type")
+    # Integers sort numerically (2 < 10), strings lexically.
+    ordered = sorted(distinct)
+    label2id = {str(v): i for i, v in enumerate(ordered)}
+    id2label = {i: str(v) for i, v in enumerate(ordered)}
+    return label2id, id2label
+
+
+def _normalize(value):
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool):
+        value = int(value)
+    return value
+
+
+def encode_labels(values, label2id: Mapping[str, int], where: str = "data") -> np.ndarray:
+    """Map raw labels to ids.
+
+    Raises:
+        ValueError: naming every unknown label, how many rows carry it, and the known labels.
+    """
+    keys = [str(_normalize(v)) for v in values]
+    try:
+        return np.fromiter((label2id[k] for k in keys), dtype=np.int64, count=len(keys))
+    except KeyError:
+        unknown: dict[str, int] = {}
+        for k in keys:
+            if k not in label2id:
+                unknown[k] = unknown.get(k, 0) + 1
+        detail = ", ".join(f"{k!r} ({n} rows)" for k, n in sorted(unknown.items()))
+        raise ValueError(
+            f"{where}: label(s) not in the training label map: {detail}. "
+            f"Known labels: {sorted(label2id)}. Fix the labels, or add rows with them to the training data."
+        ) from None
+
+
+def class_weights(counts: Mapping[int, int], num_labels: int) -> list[float]:
+    """scikit-learn's 'balanced' weights: n_samples / (n_classes * count)."""
+    total = sum(counts.values())
+    return [total / (num_labels * max(counts.get(i, 0), 1)) for i in range(num_labels)]

