@@ -27,10 +27,11 @@ from bertray.tokenization import length_order, tokenize
 
 log = logging.getLogger(__name__)
 
-TEXT, LABEL = "text", "label"  # canonical column names inside the pipeline
-# Read tasks are light (Parquet/CSV decode); a fractional CPU lets them run beside
-# training workers on a 2-CPU machine instead of waiting for a whole core.
-READ_CPUS = 0.25
+# Every Ray Data task here asks for a fraction of a CPU. A task that asks for a whole CPU
+# (Ray Data's default) cannot be scheduled beside training workers and a tokenizer actor
+# on a small machine, and ingest would stall at 0 rows. For the same reason the pipeline
+# uses no select_columns/rename_columns (default-CPU tasks): the tokenizer picks columns.
+TASK_CPUS = 0.25
 _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
@@ -110,14 +111,15 @@ def read_table(path: str, fmt: str = "auto", columns: list[str] | None = None, i
     files = expand_paths(path)
     fmt = detect_format(files, fmt)
     if fmt == "parquet":
-        return ray.data.read_parquet(files, columns=columns, include_paths=include_paths, num_cpus=READ_CPUS)
+        # Ray 2.60's DataSourceV2 Parquet path adds a ListFiles task that always asks for a
+        # whole CPU; beside training workers on a small machine it never schedules and
+        # ingest stalls at 0 rows. We list files ourselves, so the V1 reader (whose tasks
+        # take TASK_CPUS) loses nothing.
+        ray.data.DataContext.get_current().use_datasource_v2 = False
+        return ray.data.read_parquet(files, columns=columns, include_paths=include_paths, num_cpus=TASK_CPUS)
     if fmt == "csv":
-        ds = ray.data.read_csv(files, include_paths=include_paths, num_cpus=READ_CPUS)
-    else:
-        ds = ray.data.read_json(files, lines=True, include_paths=include_paths, num_cpus=READ_CPUS)
-    if columns:
-        ds = ds.select_columns(columns + (["path"] if include_paths else []))
-    return ds
+        return ray.data.read_csv(files, include_paths=include_paths, num_cpus=TASK_CPUS)
+    return ray.data.read_json(files, lines=True, include_paths=include_paths, num_cpus=TASK_CPUS)
 
 
 def check_columns(ds: ray.data.Dataset, path: str, required: dict[str, str]) -> None:
@@ -143,7 +145,7 @@ class ScanReport:
         return sum(sum(v.values()) for v in self.bad.values())
 
 
-def _summarize(batch: pa.Table, text_col: str, label_col: str) -> pa.Table:
+def _summarize(batch: pa.Table, text_col: str, label_col: str, holdout: tuple[float, int] | None) -> pa.Table:
     df = batch.to_pandas()
     text, label = df[text_col], df[label_col]
     null_text = text.isna()
@@ -154,15 +156,22 @@ def _summarize(batch: pa.Table, text_col: str, label_col: str) -> pa.Table:
         per_file[path] = {"rows": len(idx), "null_text": int(null_text[idx].sum()),
                           "empty_text": int(empty_text[idx].sum()), "null_label": int(null_label[idx].sum())}
     ok = ~(null_text | empty_text | null_label)
+    if holdout is not None:
+        # Count only the rows hash_split keeps for training, so counts are exact.
+        ok &= _hash_fraction(text, holdout[1]) >= holdout[0]
     counts = label[ok].value_counts()
     labels = {json.dumps(k.item() if hasattr(k, "item") else k): int(v) for k, v in counts.items()}
     return pa.table({"summary": [json.dumps({"files": per_file, "labels": labels})]})
 
 
-def scan(ds: ray.data.Dataset, text_col: str, label_col: str) -> ScanReport:
-    """One pass over text and label: row count, label counts, bad rows per file."""
-    summaries = ds.map_batches(_summarize, batch_format="pyarrow", batch_size=8192,
-                               fn_kwargs={"text_col": text_col, "label_col": label_col}, num_cpus=0.25)
+def scan(ds: ray.data.Dataset, text_col: str, label_col: str, holdout: tuple[float, int] | None = None) -> ScanReport:
+    """One pass over text and label: row count, label counts, bad rows per file.
+
+    With ``holdout=(fraction, seed)`` the label counts cover only the training side of
+    :func:`hash_split`.
+    """
+    summaries = ds.map_batches(_summarize, batch_format="pyarrow", batch_size=8192, num_cpus=TASK_CPUS,
+                               fn_kwargs={"text_col": text_col, "label_col": label_col, "holdout": holdout})
     rows, labels, bad = 0, {}, {}
     for row in summaries.iter_rows():
         s = json.loads(row["summary"])
@@ -187,9 +196,9 @@ def bad_rows_message(report: ScanReport, cfg: DataConfig) -> str:
     return "; ".join(lines)
 
 
-def _drop_bad(batch: pd.DataFrame) -> pd.DataFrame:
-    text = batch[TEXT]
-    keep = text.notna() & (text.astype(str).str.strip() != "") & batch[LABEL].notna()
+def _drop_bad(batch: pd.DataFrame, text_col: str, label_col: str) -> pd.DataFrame:
+    text = batch[text_col]
+    keep = text.notna() & (text.astype(str).str.strip() != "") & batch[label_col].notna()
     return batch[keep]
 
 
@@ -202,21 +211,22 @@ def _hash_fraction(texts: pd.Series, seed: int) -> np.ndarray:
     return (h % np.uint64(1_000_000)).astype(np.float64) / 1_000_000
 
 
-def _split_filter(batch: pd.DataFrame, fraction: float, seed: int, want_validation: bool) -> pd.DataFrame:
-    in_val = _hash_fraction(batch[TEXT], seed) < fraction
+def _split_filter(batch: pd.DataFrame, text_col: str, fraction: float, seed: int, want_validation: bool) -> pd.DataFrame:
+    in_val = _hash_fraction(batch[text_col], seed) < fraction
     return batch[in_val if want_validation else ~in_val]
 
 
-def hash_split(ds: ray.data.Dataset, fraction: float, seed: int) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+def hash_split(ds: ray.data.Dataset, text_col: str, fraction: float, seed: int) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """Deterministic streaming split by a seeded hash of the text.
 
     Each row lands in validation with probability ``fraction`` independently of its class,
     so every class keeps its share in both parts (stratified in expectation) and nothing is
     materialized. Duplicate texts always land on the same side, so they cannot leak.
     """
-    kw = {"batch_format": "pandas", "num_cpus": 0.25}
-    train = ds.map_batches(_split_filter, fn_kwargs={"fraction": fraction, "seed": seed, "want_validation": False}, **kw)
-    val = ds.map_batches(_split_filter, fn_kwargs={"fraction": fraction, "seed": seed, "want_validation": True}, **kw)
+    kw = {"batch_format": "pandas", "num_cpus": TASK_CPUS}
+    args = {"text_col": text_col, "fraction": fraction, "seed": seed}
+    train = ds.map_batches(_split_filter, fn_kwargs={**args, "want_validation": False}, **kw)
+    val = ds.map_batches(_split_filter, fn_kwargs={**args, "want_validation": True}, **kw)
     return train, val
 
 
@@ -227,8 +237,8 @@ class Tokenize:
     """Ray Data callable class: the fast tokenizer loads once per actor, not per batch."""
 
     def __init__(self, model_name: str, max_length: int, label2id: dict[str, int] | None,
-                 bucketing: bool, truncation: str = "head", trust_remote_code: bool = False,
-                 keep_columns: bool = False):
+                 bucketing: bool, text_column: str = "text", label_column: str = "label",
+                 truncation: str = "head", trust_remote_code: bool = False, keep_columns: bool = False):
         from bertray.modeling import load_tokenizer
 
         # A tokenizer per actor must not also spawn its own Rust thread pool per core.
@@ -239,14 +249,16 @@ class Tokenize:
         self.bucketing = bucketing
         self.truncation = truncation
         self.keep_columns = keep_columns
+        self.text_column = text_column
+        self.label_column = label_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column(TEXT).to_pylist()
+        texts = batch.column(self.text_column).to_pylist()
         ids = tokenize(self.tokenizer, texts, self.max_length, self.truncation)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
         cols = {"input_ids": pa.array(ids, type=pa.list_(pa.int32()))}
         if self.label2id is not None:
-            cols["labels"] = pa.array(encode_labels(batch.column(LABEL).to_pylist(), self.label2id, "data"))
+            cols["labels"] = pa.array(encode_labels(batch.column(self.label_column).to_pylist(), self.label2id, self.label_column))
         out = pa.table(cols)
         if self.keep_columns:
             for name in batch.column_names:
@@ -262,6 +274,7 @@ def tokenize_dataset(ds: ray.data.Dataset, model_name: str, max_length: int, lab
         Tokenize,
         fn_constructor_kwargs={"model_name": model_name, "max_length": max_length, "label2id": label2id,
                                "bucketing": cfg.length_bucketing, "truncation": truncation,
+                               "text_column": cfg.text_column, "label_column": cfg.label_column,
                                "trust_remote_code": trust_remote_code},
         batch_format="pyarrow",
         batch_size=cfg.tokenize_batch_size,
@@ -280,34 +293,38 @@ class PreparedData:
     label2id: dict[str, int]
     id2label: dict[int, str]
     train_rows: int
-    label_counts: dict[int, int]  # label id -> training rows
+    label_counts: dict[int, int]  # label id -> training rows (exact, after split and drops)
     dropped_rows: int
 
 
-def _load_labelled(path: str, cfg: DataConfig, role: str) -> tuple[ray.data.Dataset, ScanReport]:
-    """Read, check columns, scan for bad rows; returns (ds with canonical columns, report)."""
+def _load_labelled(path: str, cfg: DataConfig, role: str, holdout=None) -> tuple[ray.data.Dataset, ScanReport]:
+    """Check columns and scan for bad rows; returns (streaming dataset, report)."""
     cols = [cfg.text_column, cfg.label_column]
-    ds = read_table(path, cfg.format, include_paths=True, hf_split=role)
-    check_columns(ds, path, {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column})
-    ds = ds.select_columns(cols + ["path"])
     limit = cfg.max_train_rows if role == "train" else cfg.max_validation_rows
-    if limit:
-        ds = ds.limit(limit)
-    report = scan(ds, cfg.text_column, cfg.label_column)
+
+    def read(include_paths: bool) -> ray.data.Dataset:
+        ds = read_table(path, cfg.format, columns=cols, include_paths=include_paths, hf_split=role)
+        return ds.limit(limit) if limit else ds
+
+    check_columns(read_table(path, cfg.format, hf_split=role), path,
+                  {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column})
+    report = scan(read(include_paths=True), cfg.text_column, cfg.label_column, holdout)
     if report.bad and not cfg.drop_bad_rows:
         raise DataError(f"{role} data has bad rows: {bad_rows_message(report, cfg)}. "
                         "Clean them, or set data.drop_bad_rows=true to drop them (the count is reported).")
-    ds = ds.select_columns(cols).rename_columns({cfg.text_column: TEXT, cfg.label_column: LABEL})
+    ds = read(include_paths=False)
     if report.bad:
         log.warning("dropping %d bad %s row(s): %s", report.bad_rows, role, bad_rows_message(report, cfg))
-        ds = ds.map_batches(_drop_bad, batch_format="pandas", num_cpus=0.25)
+        ds = ds.map_batches(_drop_bad, batch_format="pandas", num_cpus=TASK_CPUS,
+                            fn_kwargs={"text_col": cfg.text_column, "label_col": cfg.label_column})
     return ds, report
 
 
 def prepare(cfg_data: DataConfig, model_name: str, max_length: int, seed: int,
             trust_remote_code: bool = False) -> PreparedData:
     """Read, validate, split and tokenize train/validation data (lazily, streaming)."""
-    train, report = _load_labelled(cfg_data.train, cfg_data, "train")
+    holdout = None if cfg_data.validation else (cfg_data.validation_fraction, seed)
+    train, report = _load_labelled(cfg_data.train, cfg_data, "train", holdout)
     label2id, id2label = build_label_map(report.label_counts)
     dropped = report.bad_rows
     if cfg_data.validation:
@@ -318,14 +335,8 @@ def prepare(cfg_data: DataConfig, model_name: str, max_length: int, seed: int,
             detail = ", ".join(f"{k!r} ({n} rows)" for k, n in sorted(unknown.items(), key=str))
             raise DataError(f"{cfg_data.validation}: validation label(s) not in the training label map: {detail}. "
                             f"Training labels: {list(label2id)}. Fix the labels or add them to the training data.")
-        train_rows = report.rows - report.bad_rows
-        counts = report.label_counts
     else:
-        train, val = hash_split(train, cfg_data.validation_fraction, seed)
-        # Counts of the training part are estimated from the split fraction (used only
-        # for 'balanced' class weights and the schedule length).
-        train_rows = int(round((report.rows - report.bad_rows) * (1 - cfg_data.validation_fraction)))
-        counts = {k: v * (1 - cfg_data.validation_fraction) for k, v in report.label_counts.items()}
+        train, val = hash_split(train, cfg_data.text_column, cfg_data.validation_fraction, seed)
     kw = {"model_name": model_name, "max_length": max_length, "label2id": label2id, "cfg": cfg_data,
           "trust_remote_code": trust_remote_code}
     return PreparedData(
@@ -333,7 +344,7 @@ def prepare(cfg_data: DataConfig, model_name: str, max_length: int, seed: int,
         validation=tokenize_dataset(val, **kw),
         label2id=label2id,
         id2label=id2label,
-        train_rows=train_rows,
-        label_counts={label2id[str(k)]: int(v) for k, v in counts.items()},
+        train_rows=sum(report.label_counts.values()),
+        label_counts={label2id[str(k)]: v for k, v in report.label_counts.items()},
         dropped_rows=dropped,
     )

@@ -1,0 +1,428 @@
+"""Fine-tuning on Ray Train: a per-worker training loop and a short driver.
+
+The driver (:func:`run`) prepares the Ray Datasets, budgets CPUs between training
+workers and Ray Data, starts a ``TorchTrainer`` and exports the best checkpoint. The
+worker (:func:`train_loop`) is a plain PyTorch loop written out in full: autocast, a
+GradScaler only for fp16, gradient accumulation, clipping, evaluation over all shards,
+checkpoints in Hugging Face format, resume from ``ray.train.get_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+import torch
+import torch.nn.functional as F
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+from ray.train import RunConfig as RayRunConfig
+from ray.train.torch import TorchTrainer
+
+from bertray import data as bdata
+from bertray.checkpoint import export_model, load_checkpoint, save_checkpoint
+from bertray.config import RunConfig, config_from_dict, to_dict
+from bertray.labels import class_weights as balanced_weights
+from bertray.metrics import classification_metrics, confusion_matrix
+from bertray.modeling import amp_dtype, load_classifier, load_tokenizer
+from bertray.schedules import build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- data sharding
+
+
+class ShardedDataConfig(DataConfig):
+    """Train is split equally (DDP needs the same number of steps on every rank);
+    validation is split with ``equal=False`` so every row is evaluated exactly once."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            splits = ds.streaming_split(world_size, equal=(name == "train"), locality_hints=hints)
+            for i, split in enumerate(splits):
+                output[i][name] = split
+        return output
+
+
+def collate(table: pa.Table, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    from bertray.tokenization import pad_flat
+
+    ids = table.column("input_ids").combine_chunks()
+    input_ids, attention_mask = pad_flat(ids.values.to_numpy(), ids.offsets.to_numpy(), pad_id)
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+    if "labels" in table.column_names:
+        batch["labels"] = torch.from_numpy(table.column("labels").to_numpy())
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def iterate(shard, batch_size: int, pad_id: int, device, shuffle_rows: int, bucketing: bool, seed: int):
+    """Padded batches from a Ray Data shard.
+
+    With length bucketing, rows arrive sorted by length within each tokenizer chunk, so
+    shuffling rows would undo it: whole batches are shuffled in a window instead.
+    """
+    local_shuffle = None if (bucketing or not shuffle_rows) else shuffle_rows
+    it = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=4,
+                            local_shuffle_buffer_size=local_shuffle, local_shuffle_seed=seed if local_shuffle else None)
+    if not (bucketing and shuffle_rows):
+        for table in it:
+            yield collate(table, pad_id, device)
+        return
+    rng = random.Random(seed)
+    window, size = [], max(2, shuffle_rows // batch_size)
+    for table in it:
+        window.append(table)
+        if len(window) >= size:
+            yield collate(window.pop(rng.randrange(len(window))), pad_id, device)
+    rng.shuffle(window)
+    for table in window:
+        yield collate(table, pad_id, device)
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    # No weight decay on biases and LayerNorm weights (as in BERT's original recipe).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def evaluate(model, shard, cfg: RunConfig, pad_id: int, device, dtype, id2label, world: int, weight=None) -> dict:
+    """Metrics over the whole validation set: confusion matrices and loss sums are
+    all-reduced across workers, then turned into metrics once."""
+    num_labels = len(id2label)
+    cm = np.zeros((num_labels, num_labels), dtype=np.int64)
+    loss_sum = 0.0
+    model.eval()
+    with torch.inference_mode():
+        for batch in iterate(shard, cfg.train.batch_size * 2, pad_id, device, 0, False, 0):
+            labels = batch.pop("labels")
+            with _autocast(device, dtype):
+                logits = model(**batch).logits.float()
+            loss_sum += F.cross_entropy(logits, labels, weight=weight, reduction="sum").item()
+            cm += confusion_matrix(labels.cpu().numpy(), logits.argmax(-1).cpu().numpy(), num_labels)
+    model.train()
+    totals = _all_reduce(torch.tensor(np.append(cm.ravel(), 0), dtype=torch.float64, device=device), world)
+    loss = _all_reduce(torch.tensor([loss_sum], dtype=torch.float64, device=device), world)
+    cm = totals[:-1].cpu().numpy().round().astype(np.int64).reshape(num_labels, num_labels)
+    n = max(int(cm.sum()), 1)
+    return classification_metrics(cm, id2label, loss=float(loss.item()) / n)
+
+
+def _autocast(device, dtype):
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker. Reads only its ``config`` argument."""
+    cfg = config_from_dict(config["cfg"])
+    t, s = cfg.train, cfg.scaling
+    id2label = {int(k): v for k, v in config["id2label"].items()}
+    label2id = config["label2id"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = s.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
+    torch.set_num_threads(threads)
+    _seed_everything(t.seed + rank)
+    device = ray.train.torch.get_device()
+    dtype = amp_dtype(t.amp, device)
+
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    torch.manual_seed(t.seed)  # the same head initialisation on every rank
+    model = load_classifier(cfg.model.name, label2id, id2label, cfg.model.num_hidden_layers,
+                            cfg.model.dropout, cfg.model.trust_remote_code)
+    if cfg.model.freeze_encoder:
+        for p in model.base_model.parameters():
+            p.requires_grad_(False)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr)
+    rows_per_worker = math.ceil(config["train_rows"] / world)
+    steps_per_epoch = max(1, math.ceil(math.ceil(rows_per_worker / t.batch_size) / t.grad_accum_steps))
+    total_steps = steps_per_epoch * t.epochs
+    scheduler = build_scheduler(optimizer, t.scheduler, int(t.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    weight = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config["class_weights"] else None
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "stale_epochs": 0,
+             "stopped_early": False, "history": [], "restores": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(d, model, optimizer, scheduler, scaler)
+        state["restores"] += 1
+        if rank == 0:
+            print(f"[bertray] resumed from checkpoint: epoch {state['epoch']} step {state['step_in_epoch']} "
+                  f"(global step {state['global_step']})", flush=True)
+    resumed_at = (state["epoch"], state["step_in_epoch"]) if ckpt else None
+
+    writer = None
+    if rank == 0 and "://" not in cfg.output_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(f"{cfg.output_dir}/tensorboard")
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    pad_id = tokenizer.pad_token_id or 0
+    metric = cfg.checkpoint.metric
+
+    def checkpoint_and_report(epoch_done: bool, train_loss: float, samples_per_s: float) -> dict:
+        metrics = evaluate(model, val_shard, cfg, pad_id, device, dtype, id2label, world, weight)
+        record = {"epoch": state["epoch"] + (1 if epoch_done else 0), "global_step": state["global_step"],
+                  "train_loss": train_loss, "train_samples_per_s": samples_per_s, "restores": state["restores"],
+                  "resumed_at_epoch": resumed_at[0] if resumed_at else None,
+                  **{k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}}
+        if _better(metric, metrics[metric], state["best"]):
+            state["best"], state["stale_epochs"] = metrics[metric], 0
+        elif epoch_done:
+            state["stale_epochs"] += 1
+        if epoch_done:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+        state["history"].append(record)
+        report = {**record, "per_class": json.dumps(metrics["per_class"]),
+                  "confusion_matrix": json.dumps(metrics["confusion_matrix"])}
+        if rank == 0:
+            print(f"[bertray] eval epoch={record['epoch']} step={state['global_step']} "
+                  f"loss={metrics['loss']:.4f} accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f}",
+                  flush=True)
+            if writer:
+                for k in ("loss", "accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro"):
+                    writer.add_scalar(f"eval/{k}", metrics[k], state["global_step"])
+                writer.flush()
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, model, tokenizer, optimizer, scheduler, scaler, state)
+                ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(report, checkpoint=None)
+        return metrics
+
+    while state["epoch"] < t.epochs and not state["stopped_early"]:
+        epoch = state["epoch"]
+        skip = state["step_in_epoch"] * t.grad_accum_steps  # micro-batches already trained this epoch
+        model.train()
+        loss_sum, loss_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+        epoch_samples, epoch_start = 0, time.perf_counter()
+        micro = 0
+        batches = iterate(train_shard, t.batch_size, pad_id, device, t.shuffle_buffer_rows,
+                          cfg.data.length_bucketing, t.seed * 1000 + epoch)
+        for batch in batches:
+            micro += 1
+            if micro <= skip:
+                continue  # resuming mid-epoch: these batches were trained before the failure
+            labels = batch.pop("labels")
+            boundary = micro % t.grad_accum_steps == 0
+            sync = nullcontext() if boundary or world == 1 else model.no_sync()
+            with sync:
+                with _autocast(device, dtype):
+                    logits = model(**batch).logits
+                loss = F.cross_entropy(logits.float(), labels, weight=weight)
+                (scaler.scale(loss / t.grad_accum_steps) if scaler else loss / t.grad_accum_steps).backward()
+            loss_sum += loss.item()
+            loss_n += 1
+            window_samples += len(labels)
+            epoch_samples += len(labels)
+            if not boundary:
+                continue
+            _optimizer_step(model, optimizer, scheduler, scaler, t.max_grad_norm)
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            if state["global_step"] % t.log_every_n_steps == 0 and rank == 0:
+                elapsed = time.perf_counter() - window_start
+                rate = window_samples * world / max(elapsed, 1e-9)
+                lr = scheduler.get_last_lr()[0]
+                print(f"[bertray] epoch={epoch + 1}/{t.epochs} step={state['global_step']}/{total_steps} "
+                      f"loss={loss_sum / loss_n:.4f} lr={lr:.2e} samples/s={rate:.1f}", flush=True)
+                if writer:
+                    writer.add_scalar("train/loss", loss_sum / loss_n, state["global_step"])
+                    writer.add_scalar("train/lr", lr, state["global_step"])
+                    writer.add_scalar("train/samples_per_s", rate, state["global_step"])
+                window_samples, window_start = 0, time.perf_counter()
+            every = cfg.checkpoint.every_n_steps
+            if every and state["global_step"] % every == 0:
+                checkpoint_and_report(False, loss_sum / max(loss_n, 1), 0.0)
+        if micro % t.grad_accum_steps:  # flush a partial accumulation at the end of the epoch
+            _optimizer_step(model, optimizer, scheduler, scaler, t.max_grad_norm)
+            state["global_step"] += 1
+        rate = epoch_samples * world / max(time.perf_counter() - epoch_start, 1e-9)
+        checkpoint_and_report(True, loss_sum / max(loss_n, 1), rate)
+        patience = t.early_stopping_patience
+        if patience and state["stale_epochs"] >= patience and state["epoch"] < t.epochs:
+            state["stopped_early"] = True
+            if rank == 0:
+                print(f"[bertray] early stopping: {metric} did not improve for {patience} epoch(s)", flush=True)
+    if writer:
+        writer.close()
+
+
+def _optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm) -> None:
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class TrainResult:
+    model_dir: str
+    metrics: dict
+    history: list
+    checkpoint_path: str
+
+
+def init_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (ray job submit) or start a local one."""
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
+def worker_resources(cfg: RunConfig) -> dict:
+    """CPUs per training worker, leaving ``scaling.data_cpus`` to Ray Data."""
+    s = cfg.scaling
+    if s.cpus_per_worker is not None:
+        return {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        return {"CPU": 1}
+    total = ray.cluster_resources().get("CPU", 0)
+    share = (total - s.data_cpus) / s.num_workers
+    if share <= 0:
+        raise ValueError(f"scaling: the cluster has {total:g} CPUs but scaling.data_cpus={s.data_cpus:g} leaves none for "
+                         f"{s.num_workers} training worker(s); lower scaling.data_cpus or scaling.num_workers")
+    return {"CPU": math.floor(share * 100) / 100}
+
+
+def build_trainer(cfg: RunConfig, prepared: bdata.PreparedData, callbacks=()) -> TorchTrainer:
+    """The one TorchTrainer used by ``jobs/train.py`` and by every Tune trial."""
+    t = cfg.train
+    weights = None
+    if t.class_weights == "balanced":
+        weights = balanced_weights(prepared.label_counts, len(prepared.label2id))
+    elif isinstance(t.class_weights, list):
+        if len(t.class_weights) != len(prepared.label2id):
+            raise ValueError(f"train.class_weights has {len(t.class_weights)} values but there are "
+                             f"{len(prepared.label2id)} labels {list(prepared.label2id)}; give one weight per label")
+        weights = t.class_weights
+    order = "min" if cfg.checkpoint.metric == "loss" else "max"
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": to_dict(cfg), "label2id": prepared.label2id, "id2label": prepared.id2label,
+                           "train_rows": prepared.train_rows, "class_weights": weights},
+        datasets={"train": prepared.train, "validation": prepared.validation},
+        dataset_config=ShardedDataConfig(),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=worker_resources(cfg)),
+        run_config=RayRunConfig(
+            name=cfg.name, storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep,
+                                               checkpoint_score_attribute=cfg.checkpoint.metric,
+                                               checkpoint_score_order=order),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def prepare_data(cfg: RunConfig) -> bdata.PreparedData:
+    return bdata.prepare(cfg.data, cfg.model.name, cfg.train.max_length, cfg.train.seed, cfg.model.trust_remote_code)
+
+
+def best_checkpoint(result, metric: str):
+    """(checkpoint, metrics) of the best kept checkpoint by ``metric``."""
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+    if not candidates:
+        if result.checkpoint is None:
+            raise RuntimeError(f"training produced no checkpoint; see the Ray logs under {result.path}")
+        return result.checkpoint, result.metrics
+    pick = min if metric == "loss" else max
+    return pick(candidates, key=lambda cm: cm[1][metric])
+
+
+def export(result, cfg: RunConfig, dest: str | None = None) -> TrainResult:
+    """Write ``<output_dir>/model`` (best checkpoint, HF format) and ``metrics.json``."""
+    ckpt, metrics = best_checkpoint(result, cfg.checkpoint.metric)
+    out = Path(dest or cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with ckpt.as_directory() as d:
+        export_model(d, out / "model")
+        history = json.loads((Path(d) / "trainer_state.json").read_text())["history"]
+    final = {k: metrics[k] for k in ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
+                                     "precision_weighted", "recall_weighted", "loss", "epoch", "global_step",
+                                     "num_examples") if k in metrics}
+    final["per_class"] = json.loads(metrics["per_class"])
+    final["confusion_matrix"] = json.loads(metrics["confusion_matrix"])
+    final["checkpoint"] = ckpt.path
+    _write_json(out / "metrics.json", final)
+    _write_json(out / "history.json", history)
+    return TrainResult(model_dir=str(out / "model"), metrics=final, history=history, checkpoint_path=ckpt.path)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def run(cfg: RunConfig) -> TrainResult:
+    """Train, then export the best model. Re-running with the same output resumes."""
+    if "://" in cfg.output_dir:
+        raise ValueError(f"output_dir={cfg.output_dir}: give a local or shared-filesystem directory; "
+                         "put object-store URIs in storage_path (checkpoints)")
+    init_ray()
+    prepared = prepare_data(cfg)
+    print(f"[bertray] labels: {prepared.id2label}; training rows: {prepared.train_rows}"
+          + (f"; dropped bad rows: {prepared.dropped_rows}" if prepared.dropped_rows else ""), flush=True)
+    result = build_trainer(cfg, prepared).fit()
+    if result.error:
+        raise result.error
+    out = export(result, cfg)
+    print(f"[bertray] best model (epoch {out.metrics.get('epoch')}, {cfg.checkpoint.metric}="
+          f"{out.metrics[cfg.checkpoint.metric]:.4f}) written to {out.model_dir}", flush=True)
+    return out
