@@ -1,0 +1,137 @@
+"""Ray Data pipeline on real data: readers, bad input, label map, split, tokenized output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bertray.config import DataConfig
+from bertray.data import DataError, expand_paths, prepare
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def trec(data_root):
+    return pd.read_parquet(data_root / "trec" / "train.parquet")[["text", "label"]].head(300)
+
+
+def _write(df: pd.DataFrame, path, fmt):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        df.to_parquet(path, index=False)
+    elif fmt == "csv":
+        df.to_csv(path, index=False)
+    else:
+        df.to_json(path, orient="records", lines=True)
+    return str(path)
+
+
+def _rows(ds):
+    return ds.to_pandas()
+
+
+@pytest.mark.parametrize("fmt, ext", [("parquet", "parquet"), ("csv", "csv"), ("json", "jsonl")])
+def test_each_format_reads_and_tokenizes(tmp_path, trec, fmt, ext):
+    train = _write(trec.iloc[:200], tmp_path / f"train.{ext}", fmt)
+    val = _write(trec.iloc[200:], tmp_path / f"val.{ext}", fmt)
+    p = prepare(DataConfig(train=train, validation=val), "default", 32, seed=0)
+    assert p.label2id == {k: i for i, k in enumerate(sorted(trec.iloc[:200]["label"].unique()))}
+    assert p.train_rows == 200
+    out = _rows(p.train)
+    assert len(out) == 200 and set(out.columns) == {"input_ids", "labels"}
+    # labels are encoded with the saved map, and every row is accounted for
+    expected = trec.iloc[:200]["label"].map(p.label2id).value_counts().to_dict()
+    assert out["labels"].value_counts().to_dict() == expected
+    assert max(len(x) for x in out["input_ids"]) <= 32
+    assert len(_rows(p.validation)) == 100
+
+
+def test_directory_and_glob_inputs(tmp_path, trec):
+    for i in range(3):
+        _write(trec.iloc[i * 100:(i + 1) * 100], tmp_path / "parts" / f"part-{i}.parquet", "parquet")
+    assert len(expand_paths(str(tmp_path / "parts"))) == 3
+    assert len(expand_paths(str(tmp_path / "parts" / "part-[01].parquet"))) == 2
+    p = prepare(DataConfig(train=str(tmp_path / "parts" / "*.parquet"), validation=str(tmp_path / "parts" / "part-0.parquet")),
+                "default", 32, seed=0)
+    assert p.train_rows == 300
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"no data files found at '.*nope\.parquet'"):
+        prepare(DataConfig(train=str(tmp_path / "nope.parquet")), "default", 32, seed=0)
+
+
+def test_missing_column_lists_existing_columns(tmp_path, trec):
+    path = _write(trec, tmp_path / "t.parquet", "parquet")
+    with pytest.raises(DataError) as e:
+        prepare(DataConfig(train=path, text_column="sentence"), "default", 32, seed=0)
+    msg = str(e.value)
+    assert "column 'sentence' (from data.text_column) not found" in msg and "['text', 'label']" in msg and path in msg
+
+
+def test_bad_rows_error_names_file_column_count_and_can_be_dropped(tmp_path, trec):
+    df = trec.copy()
+    df.loc[[0, 1], "text"] = None
+    df.loc[2, "text"] = "   "
+    df.loc[3, "label"] = None
+    path = _write(df, tmp_path / "bad.parquet", "parquet")
+    with pytest.raises(DataError) as e:
+        prepare(DataConfig(train=path), "default", 32, seed=0)
+    msg = str(e.value)
+    assert f"{path}: 2 row(s) with null text in column 'text'" in msg
+    assert "1 row(s) with empty text" in msg and "1 row(s) with null label in column 'label'" in msg
+    assert "data.drop_bad_rows=true" in msg
+    p = prepare(DataConfig(train=path, drop_bad_rows=True), "default", 32, seed=0)
+    assert p.dropped_rows == 4
+    assert len(_rows(p.train)) + len(_rows(p.validation)) == len(df) - 4
+
+
+def test_unknown_validation_label_named_with_count(tmp_path, trec):
+    val = trec.iloc[:50].copy()
+    val.loc[val.index[:3], "label"] = "WHO"
+    t = _write(trec, tmp_path / "t.csv", "csv")
+    v = _write(val, tmp_path / "v.csv", "csv")
+    with pytest.raises(DataError, match=r"validation label\(s\) not in the training label map: 'WHO' \(3 rows\)"):
+        prepare(DataConfig(train=t, validation=v), "default", 32, seed=0)
+
+
+def test_split_is_deterministic_disjoint_and_stratified(data_root):
+    cfg = DataConfig(train=str(data_root / "sms_spam" / "sms_spam.csv"), validation_fraction=0.2)
+    # max_length covers whole messages, so equal ids mean equal texts
+    a = prepare(cfg, "default", 512, seed=7)
+    b = prepare(cfg, "default", 512, seed=7)
+    va, vb = _rows(a.validation), _rows(b.validation)
+    tr = _rows(a.train)
+    key = lambda df: sorted(map(tuple, df["input_ids"]))  # noqa: E731
+    assert key(va) == key(vb)  # same seed -> same split
+    assert len(va) + len(tr) == 5574
+    assert 0.17 < len(va) / 5574 < 0.23
+    assert a.train_rows == len(tr)  # exact count, used for the LR schedule
+    spam_share = lambda df: (df["labels"] == a.label2id["spam"]).mean()  # noqa: E731
+    assert abs(spam_share(va) - spam_share(tr)) < 0.03  # class balance kept in both parts
+    assert not set(map(tuple, va["input_ids"])) & set(map(tuple, tr["input_ids"]))  # no text on both sides
+    c = prepare(cfg, "default", 512, seed=8)
+    assert key(_rows(c.validation)) != key(va)
+
+
+def test_length_bucketing_groups_similar_lengths(data_root):
+    cfg = DataConfig(train=str(data_root / "sst2" / "validation.parquet"), validation=str(data_root / "sst2" / "validation.parquet"),
+                     tokenize_batch_size=256)
+    lengths = [len(x) for x in _rows(prepare(cfg, "default", 128, seed=0).train)["input_ids"]]
+    assert lengths[:256] == sorted(lengths[:256])
+    off = DataConfig(**{**cfg.__dict__, "length_bucketing": False})
+    lengths_off = [len(x) for x in _rows(prepare(off, "default", 128, seed=0).train)["input_ids"]]
+    assert lengths_off[:256] != sorted(lengths_off[:256]) and sorted(lengths_off) == sorted(lengths)
+
+
+def test_hugging_face_dataset_on_disk(tmp_path, trec):
+    import datasets
+
+    datasets.Dataset.from_pandas(trec, preserve_index=False).save_to_disk(str(tmp_path / "hf"))
+    p = prepare(DataConfig(train=str(tmp_path / "hf"), validation=str(tmp_path / "hf")), "default", 32, seed=0)
+    assert p.train_rows == len(trec)
+    assert json.dumps(p.label2id)

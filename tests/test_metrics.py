@@ -1,0 +1,32 @@
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix as sk_confusion
+
+from bertray.metrics import classification_metrics, confusion_matrix
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_equal_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    n = 5
+    y = rng.integers(0, n, 500)
+    p = np.where(rng.random(500) < 0.6, y, rng.integers(0, n - 1, 500))  # class 4 rarely predicted
+    cm = confusion_matrix(y, p, n)
+    assert np.array_equal(cm, sk_confusion(y, p, labels=range(n)))
+    m = classification_metrics(cm, {i: f"c{i}" for i in range(n)})
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p))
+    for avg in ("macro", "weighted"):
+        pr, rc, f1, _ = precision_recall_fscore_support(y, p, average=avg, labels=range(n), zero_division=0)
+        assert m[f"precision_{avg}"] == pytest.approx(pr)
+        assert m[f"recall_{avg}"] == pytest.approx(rc)
+        assert m[f"f1_{avg}"] == pytest.approx(f1)
+    pr, rc, f1, sup = precision_recall_fscore_support(y, p, labels=range(n), zero_division=0)
+    assert [m["per_class"][f"c{i}"]["f1"] for i in range(n)] == pytest.approx(f1)
+
+
+def test_sharded_counts_sum_to_the_whole():
+    rng = np.random.default_rng(3)
+    y, p = rng.integers(0, 3, 101), rng.integers(0, 3, 101)
+    shards = [confusion_matrix(y[i::2], p[i::2], 3) for i in range(2)]
+    assert np.array_equal(sum(shards), confusion_matrix(y, p, 3))

@@ -1,0 +1,53 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from bertray.modeling import load_tokenizer
+from bertray.tokenization import pad_flat, pad_rows, tokenize
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("default")
+
+
+@pytest.fixture(scope="module")
+def texts(data_root):
+    return pd.read_parquet(data_root / "sst2" / "validation.parquet")["text"].tolist()[:64]
+
+
+def test_dynamic_padding_to_longest_multiple_of_8(tokenizer, texts):
+    ids = tokenize(tokenizer, texts, max_length=128)
+    input_ids, mask = pad_rows(ids, tokenizer.pad_token_id)
+    longest = max(len(x) for x in ids)
+    assert input_ids.shape[1] == -(-longest // 8) * 8 < 128
+    assert (mask.sum(1) == [len(x) for x in ids]).all()
+    for row, x in zip(input_ids, ids, strict=True):
+        assert list(row[: len(x)]) == x and (row[len(x):] == tokenizer.pad_token_id).all()
+    # identical to what the tokenizer itself pads to (pad_to_multiple_of=8)
+    ref = tokenizer(texts, padding=True, pad_to_multiple_of=8, truncation=True, max_length=128, return_tensors="np")
+    assert np.array_equal(input_ids, ref["input_ids"]) and np.array_equal(mask, ref["attention_mask"])
+
+
+def test_truncation_keeps_special_tokens(tokenizer, texts):
+    ids = tokenize(tokenizer, texts, max_length=16)
+    assert max(len(x) for x in ids) == 16
+    assert all(x[0] == tokenizer.cls_token_id and x[-1] == tokenizer.sep_token_id for x in ids)
+
+
+def test_head_tail_keeps_first_and_last_tokens(tokenizer):
+    text = " ".join(f"w{i}" for i in range(300))
+    full = tokenizer(text)["input_ids"]
+    (ht,) = tokenize(tokenizer, [text], max_length=32, truncation="head_tail")
+    assert len(ht) == 32
+    assert ht[:8] == full[:8] and ht[8:] == full[-24:]
+
+
+def test_pad_flat_matches_pad_rows_on_sliced_arrow(tokenizer, texts):
+    import pyarrow as pa
+
+    ids = tokenize(tokenizer, texts, 128)
+    arr = pa.array(ids, type=pa.list_(pa.int32())).slice(5, 20)
+    a = pad_flat(arr.values.to_numpy(), arr.offsets.to_numpy(), 0)
+    b = pad_rows(ids[5:25], 0)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
