@@ -10,6 +10,7 @@ This module is pure: it imports no ``ray`` and does nothing at import time.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import types
 import typing
@@ -131,7 +132,8 @@ class ScalingConfig:
 class TuneConfig:
     space: dict[str, Any] = field(default_factory=dict)
     """Dotted config key -> distribution, e.g. ``train.lr: {loguniform: [1e-5, 1e-4]}``,
-    ``train.epochs: {choice: [1, 2]}``; also ``uniform``, ``randint``."""
+    ``train.epochs: {choice: [1, 2]}``; also ``uniform``, ``randint`` (inclusive) and ``grid``
+    (every value, times num_samples)."""
     num_samples: int = 4
     max_concurrent_trials: int = 1
     search_alg: Literal["random", "optuna"] = "random"
@@ -354,6 +356,8 @@ def _coerce(tp, value) -> tuple[bool, Any]:
     if tp is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return True, str(value)
+        if isinstance(value, datetime.date):  # YAML reads date=2024-06-01 as a date
+            return True, value.isoformat()
         return False, value
     return isinstance(value, tp), value
 
@@ -450,7 +454,7 @@ def validate(cfg) -> list[str]:
     return p
 
 
-DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
 
 
 def validate_search_space(tune: TuneConfig, cfg: RunConfig) -> list[str]:
@@ -472,9 +476,11 @@ def validate_search_space(tune: TuneConfig, cfg: RunConfig) -> list[str]:
             p.append(f"{where}={spec!r}: give exactly one of {', '.join(DISTRIBUTIONS)}, e.g. {{loguniform: [1e-5, 1e-4]}}")
             continue
         kind, args = next(iter(spec.items()))
-        if kind == "choice":
+        if kind in ("choice", "grid"):
             if not isinstance(args, list) or not args:
-                p.append(f"{where}.choice must be a non-empty list of values")
+                p.append(f"{where}.{kind} must be a non-empty list of values")
+            elif key == "train.lr" and any(not isinstance(v, int | float) or v <= 0 for v in args):
+                p.append(f"{where}.{kind}={args}: a learning rate must be > 0")
             continue
         if not isinstance(args, list) or len(args) != 2:
             p.append(f"{where}.{kind} must be [low, high]")

@@ -289,7 +289,7 @@ def tokenize_dataset(ds: ray.data.Dataset, model_name: str, max_length: int, lab
 @dataclass
 class PreparedData:
     train: ray.data.Dataset  # tokenized: input_ids (list<int32>), labels (int64)
-    validation: ray.data.Dataset
+    validation: ray.data.Dataset  # materialized (small; read every epoch)
     label2id: dict[str, int]
     id2label: dict[int, str]
     train_rows: int
@@ -341,7 +341,10 @@ def prepare(cfg_data: DataConfig, model_name: str, max_length: int, seed: int,
           "trust_remote_code": trust_remote_code}
     return PreparedData(
         train=tokenize_dataset(train, **kw),
-        validation=tokenize_dataset(val, **kw),
+        # Validation is tokenized once, here, and kept in the object store: it is read every
+        # epoch by every worker, and a second streaming pipeline (another tokenizer actor)
+        # beside the training workers and the training pipeline would not fit on a small node.
+        validation=tokenize_dataset(val, **kw).materialize(),
         label2id=label2id,
         id2label=id2label,
         train_rows=sum(report.label_counts.values()),

@@ -44,20 +44,15 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- data sharding
 
 
-class ShardedDataConfig(DataConfig):
-    """Train is split equally (DDP needs the same number of steps on every rank);
-    validation is split with ``equal=False`` so every row is evaluated exactly once."""
+def data_config() -> DataConfig:
+    """Train is split across workers (equal shards: DDP needs the same step count on every
+    rank). Validation is not split: every worker reads it in the same order
+    (``preserve_order``) and evaluates every world_size-th batch, so each row is scored
+    exactly once and no worker waits on a split coordinator."""
 
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = [{} for _ in range(world_size)]
-        hints = worker_node_ids if self._enable_shard_locality else None
-        for name, ds in datasets.items():
-            ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            splits = ds.streaming_split(world_size, equal=(name == "train"), locality_hints=hints)
-            for i, split in enumerate(splits):
-                output[i][name] = split
-        return output
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options={"validation": options})
 
 
 def collate(table: pa.Table, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -114,7 +109,8 @@ def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
     return t
 
 
-def evaluate(model, shard, cfg: RunConfig, pad_id: int, device, dtype, id2label, world: int, weight=None) -> dict:
+def evaluate(model, shard, cfg: RunConfig, pad_id: int, device, dtype, id2label, rank: int, world: int,
+             weight=None) -> dict:
     """Metrics over the whole validation set: confusion matrices and loss sums are
     all-reduced across workers, then turned into metrics once."""
     num_labels = len(id2label)
@@ -122,7 +118,9 @@ def evaluate(model, shard, cfg: RunConfig, pad_id: int, device, dtype, id2label,
     loss_sum = 0.0
     model.eval()
     with torch.inference_mode():
-        for batch in iterate(shard, cfg.train.batch_size * 2, pad_id, device, 0, False, 0):
+        for i, batch in enumerate(iterate(shard, cfg.train.batch_size * 2, pad_id, device, 0, False, 0)):
+            if i % world != rank:
+                continue  # another worker scores this batch
             labels = batch.pop("labels")
             with _autocast(device, dtype):
                 logits = model(**batch).logits.float()
@@ -205,7 +203,7 @@ def train_loop(config: dict) -> None:
     metric = cfg.checkpoint.metric
 
     def checkpoint_and_report(epoch_done: bool, train_loss: float, samples_per_s: float) -> dict:
-        metrics = evaluate(model, val_shard, cfg, pad_id, device, dtype, id2label, world, weight)
+        metrics = evaluate(model, val_shard, cfg, pad_id, device, dtype, id2label, rank, world, weight)
         record = {"epoch": state["epoch"] + (1 if epoch_done else 0), "global_step": state["global_step"],
                   "train_loss": train_loss, "train_samples_per_s": samples_per_s, "restores": state["restores"],
                   "resumed_at_epoch": resumed_at[0] if resumed_at else None,
@@ -356,7 +354,7 @@ def build_trainer(cfg: RunConfig, prepared: bdata.PreparedData, callbacks=()) ->
         train_loop_config={"cfg": to_dict(cfg), "label2id": prepared.label2id, "id2label": prepared.id2label,
                            "train_rows": prepared.train_rows, "class_weights": weights},
         datasets={"train": prepared.train, "validation": prepared.validation},
-        dataset_config=ShardedDataConfig(),
+        dataset_config=data_config(),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=worker_resources(cfg)),
         run_config=RayRunConfig(
@@ -392,6 +390,8 @@ def export(result, cfg: RunConfig, dest: str | None = None) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     with ckpt.as_directory() as d:
         export_model(d, out / "model")
+    # The latest checkpoint carries the whole run's history (the best may be older).
+    with (result.checkpoint or ckpt).as_directory() as d:
         history = json.loads((Path(d) / "trainer_state.json").read_text())["history"]
     final = {k: metrics[k] for k in ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
                                      "precision_weighted", "recall_weighted", "loss", "epoch", "global_step",

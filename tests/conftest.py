@@ -46,5 +46,6 @@ def trained(ray_session, data_root, tmp_path_factory):
     from bertray.train import run
 
     out = tmp_path_factory.mktemp("trained")
-    cfg = smoke_config(out, "scaling.num_workers=2")
+    # batch 8 per worker keeps the optimizer steps of the 1-worker smoke run (batch 16)
+    cfg = smoke_config(out, "scaling.num_workers=2", "train.amp=fp32", "train.batch_size=8")
     return cfg, run(cfg)

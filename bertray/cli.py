@@ -1,0 +1,37 @@
+"""The shared command line of jobs/*.py: ``--config FILE [key=value ...]``.
+
+Exit status: 0 done; 1 bad input (data, model or output; the message says which and the
+fix); 2 bad config (every problem listed). Ray is imported only once the config is valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from bertray.config import ConfigError, load_config
+
+
+def main(doc: str, cls, runner: str, argv=None) -> int:
+    """Parse arguments, load ``cls`` from YAML + overrides, call ``runner`` ("module:function")."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file under configs/")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=3e-5")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, cls)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    module, _, func = runner.partition(":")
+    run = getattr(importlib.import_module(module), func)
+    try:
+        result = run(cfg)
+    except ValueError as e:  # user input: DataError, PredictError, bad scaling, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, default=str))
+    return 0

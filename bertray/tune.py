@@ -1,0 +1,170 @@
+"""Hyperparameter search on Ray Tune: each trial runs the same TorchTrainer as jobs/train.py.
+
+The search space lives in YAML (``tune.space``: dotted config key -> distribution).
+ASHA stops poor trials early on the per-epoch validation metric. At the end
+``output_dir`` holds ``results.csv``, ``best_config.yaml``, ``best_model/`` and
+``tune_curves.png``. Re-running the same command resumes an interrupted search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.train import Checkpoint
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from bertray.checkpoint import export_model
+from bertray.config import RunConfig, apply_overrides, config_from_dict, dump_yaml, to_dict
+from bertray.train import build_trainer, init_ray, prepare_data
+
+SPACE_KEY = "overrides"
+
+
+def search_space(space: dict) -> dict:
+    """YAML distributions -> Tune distributions (validated earlier by config.validate_search_space)."""
+    out = {}
+    for key, spec in space.items():
+        kind, args = next(iter(spec.items()))
+        if kind == "loguniform":
+            out[key] = tune.loguniform(float(args[0]), float(args[1]))
+        elif kind == "uniform":
+            out[key] = tune.uniform(float(args[0]), float(args[1]))
+        elif kind == "randint":
+            out[key] = tune.randint(int(args[0]), int(args[1]) + 1)  # inclusive high, as written in YAML
+        elif kind == "choice":
+            out[key] = tune.choice(list(args))
+        elif kind == "grid":
+            out[key] = tune.grid_search(list(args))
+    return out
+
+
+def max_epochs(cfg: RunConfig) -> int:
+    spec = cfg.tune.space.get("train.epochs")
+    if not spec:
+        return cfg.train.epochs
+    kind, args = next(iter(spec.items()))
+    return int(max(args))
+
+
+def trial_cpus_per_worker(cfg: RunConfig) -> float:
+    """Split the cluster's CPUs between concurrent trials, each keeping CPUs for Ray Data."""
+    if cfg.scaling.cpus_per_worker is not None or cfg.scaling.use_gpu:
+        return cfg.scaling.cpus_per_worker or 1
+    total = ray.cluster_resources().get("CPU", 0)
+    n = cfg.tune.max_concurrent_trials
+    share = (total - n * cfg.scaling.data_cpus) / (n * cfg.scaling.num_workers)
+    if share <= 0:
+        raise ValueError(f"tune.max_concurrent_trials={n}: the cluster's {total:g} CPUs cannot hold {n} trial(s) of "
+                         f"{cfg.scaling.num_workers} worker(s) plus scaling.data_cpus={cfg.scaling.data_cpus:g} each; "
+                         "lower tune.max_concurrent_trials")
+    return math.floor(share * 100) / 100
+
+
+def run_trial(config: dict) -> None:
+    """One Tune trial: the base config plus this trial's sampled values, trained by build_trainer."""
+    base = config_from_dict(config["base"])
+    cfg = apply_overrides(base, config[SPACE_KEY])
+    ctx = tune.get_context()
+    trial_dir = f"{base.output_dir}/trials/{ctx.get_trial_id()}"
+    cfg = dataclasses.replace(cfg, output_dir=trial_dir, storage_path=f"{base.output_dir}/trials",
+                              name=ctx.get_trial_id())
+    result = build_trainer(cfg, prepare_data(cfg), callbacks=[TuneReportCallback()]).fit()
+    if result.error:
+        raise result.error
+
+
+def run(cfg: RunConfig) -> pd.DataFrame:
+    """Run the search, write results.csv, best_config.yaml, best_model/ and the curves plot."""
+    if not cfg.tune.space:
+        raise ValueError("tune.space is empty: name at least one key, e.g. train.lr: {loguniform: [1e-5, 1e-4]}")
+    init_ray()
+    metric, mode = cfg.checkpoint.metric, "min" if cfg.checkpoint.metric == "loss" else "max"
+    base = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, cpus_per_worker=trial_cpus_per_worker(cfg)))
+    space = {"base": to_dict(base), SPACE_KEY: search_space(cfg.tune.space)}
+    search_alg = None
+    if cfg.tune.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch  # optional dependency: pip install optuna
+
+        search_alg = OptunaSearch()
+    experiment = f"{cfg.output_dir}/tune"
+    # The trial function only waits on its TorchTrainer, so it holds no CPU of its own.
+    trainable = tune.with_resources(run_trial, {"CPU": 0})
+    if tune.Tuner.can_restore(experiment):
+        print(f"[bertray] resuming the search in {experiment}", flush=True)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, num_samples=cfg.tune.num_samples, search_alg=search_alg,
+                max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=max_epochs(cfg), grace_period=cfg.tune.grace_period,
+                                        reduction_factor=cfg.tune.reduction_factor),
+            ),
+            run_config=tune.RunConfig(name="tune", storage_path=cfg.output_dir),
+        )
+    grid = tuner.fit()
+    return summarize(grid, cfg, metric, mode)
+
+
+def summarize(grid, cfg: RunConfig, metric: str, mode: str) -> pd.DataFrame:
+    out = Path(cfg.output_dir)
+    rows, curves = [], {}
+    for result in grid:
+        values = result.config[SPACE_KEY]
+        trial_cfg = apply_overrides(cfg, values)
+        df = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        epochs_run = int(df["epoch"].max()) if "epoch" in df else 0
+        best = (df[metric].min() if mode == "min" else df[metric].max()) if metric in df else float("nan")
+        status = ("error" if result.error else
+                  "completed" if epochs_run >= trial_cfg.train.epochs else "stopped_early")
+        trial_id = Path(result.path).name
+        rows.append({"trial": trial_id, **values, f"best_{metric}": best, "epochs_run": epochs_run, "status": status})
+        if metric in df:
+            curves[trial_id] = (df["epoch"].tolist(), df[metric].tolist())
+    table = pd.DataFrame(rows).sort_values(f"best_{metric}", ascending=(mode == "min"))
+    table.to_csv(out / "results.csv", index=False)
+    _plot(curves, metric, out / "tune_curves.png")
+    best = grid.get_best_result(metric=metric, mode=mode, scope="all")
+    best_values = best.config[SPACE_KEY]
+    best_cfg = apply_overrides(cfg, best_values)
+    best_cfg = dataclasses.replace(best_cfg, tune=dataclasses.replace(best_cfg.tune, space={}),
+                                   output_dir=f"{cfg.output_dir}/best_run", storage_path=None, name=None)
+    dump_yaml(best_cfg, out / "best_config.yaml",
+              header=f"# Best trial of {out}/tune ({metric}={table.iloc[0][f'best_{metric}']:.4f}); reproduce with:\n"
+                     f"#   python jobs/train.py --config {out}/best_config.yaml")
+    df = best.metrics_dataframe
+    row = df.loc[df[metric].idxmin() if mode == "min" else df[metric].idxmax()]
+    with Checkpoint(row["checkpoint_path"]).as_directory() as d:  # local or object-store storage
+        export_model(d, out / "best_model")
+    (out / "best_metrics.json").write_text(json.dumps(
+        {k: (row[k].item() if hasattr(row[k], "item") else row[k]) for k in
+         ("accuracy", "f1_macro", "f1_weighted", "loss", "epoch") if k in row} | {"overrides": best_values}, indent=2))
+    print("\n[bertray] trials (best first):\n" + table.to_string(index=False), flush=True)
+    print(f"[bertray] best config: {out / 'best_config.yaml'}; best model: {out / 'best_model'}", flush=True)
+    return table
+
+
+def _plot(curves: dict, metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for trial, (x, y) in curves.items():
+        ax.plot(x, y, marker="o", label=trial[-12:])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {metric}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

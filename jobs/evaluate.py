@@ -1,0 +1,21 @@
+"""Evaluate a trained classifier on labelled Parquet: predictions plus metrics.
+
+    python jobs/evaluate.py --config configs/predict.yaml model.path=outputs/trec/model \\
+        'input={data_root}/trec/test.parquet' output=outputs/eval/trec
+
+jobs/predict.py with label_column set (default here: label). Writes the predictions,
+<output>/_metrics.json (accuracy, precision/recall/F1 macro and weighted, per class,
+confusion matrix) and <output>/_confusion_matrix.png, and prints the summary with the
+full metrics. Exit status: 0 done, 1 bad input/model/output, 2 bad config.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bertray.cli import main  # noqa: E402
+from bertray.config import PredictConfig  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(__doc__, PredictConfig, "bertray.predict:evaluate"))
