@@ -15,11 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, smoke_config
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.metrics import confusion_matrix as sk_confusion
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
-
-from conftest import ROOT, smoke_config
 
 TREC_LABELS = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
 

@@ -1,0 +1,289 @@
+"""Batch prediction throughput: bertray (Ray Data) vs transformers.pipeline, same rows, same model.
+
+    python bench/predict.py                                  # 100,000 SST-2 rows, 2 CPUs (minutes)
+    python bench/predict.py --rows 2000                      # quick check that it works
+    python bench/predict.py --model outputs/sst2/model --rows 100000 --max-length 128
+
+Rows: SST-2 train (67,349 real sentences) repeated up to ``--rows``, written as Parquet.
+Both contenders read that Parquet and write the same Parquet (input columns + prediction,
+score); both timings include loading the model, reading and writing.
+
+* bertray: ``bertray.predict.run`` in-process after ``ray.init(num_cpus=2)``, with
+  configs/predict.yaml (amp=auto: bf16 on a CPU with AVX512-BF16) and ``--batch-size``. The
+  cluster start is not timed; the preflight, the scan, actor start-up, tokenization,
+  inference, writing, the row-count check and the commit are.
+* pipeline: ``transformers.pipeline("text-classification", model=DIR, batch_size=64)`` over
+  the texts in input order, fp32, truncation to the same ``max_length``.
+
+Each runs in its own subprocess; the parent samples memory over that subprocess's whole
+process tree every 0.2 s (for bertray: driver, GCS, raylet and every Ray worker). ``peak RSS``
+sums RSS over the tree (shared library pages counted once per process, so it overstates a
+multi-process run); ``peak USS`` sums unique pages only. The memory-growth check runs bertray
+again on ``--growth-rows`` (default rows/10) and reports peak(rows)/peak(rows/10): a
+streaming pipeline stays near 1; materializing would grow ~10x.
+
+Without ``--model`` a classifier is built in a temp dir: the pip-shipped MiniLM-L6 with a
+fresh 2-label head (seeded). Its predictions are meaningless but its cost per row is exactly
+that of a fine-tuned MiniLM, which is what is measured.
+
+Prints a table and writes bench/results/predict.json (appending to docs/benchmarks.md is manual).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("BERTRAY_DATA_ROOT", ROOT.parent / "shared" / "data")).resolve()
+
+
+def make_input(rows: int, directory: Path, rows_per_file: int = 12_500) -> Path:
+    """SST-2 train repeated to ``rows`` rows, in files of ``rows_per_file`` rows."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    source = pq.read_table(data_root() / "sst2" / "train.parquet", columns=["text", "label"])
+    table = source.take(np.resize(np.arange(source.num_rows), rows))
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, rows, rows_per_file)):
+        pq.write_table(table.slice(start, rows_per_file), directory / f"part-{i:04d}.parquet")
+    return directory
+
+
+def quick_classifier(directory: Path) -> Path:
+    """MiniLM-L6 with a seeded, untrained 2-label head (same cost per row as a fine-tuned one)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bertray.modeling import resolve_model_path
+
+    base = resolve_model_path("default")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, use_safetensors=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(directory)
+    return directory
+
+
+# ----------------------------------------------------------------------------- contenders (subprocesses)
+
+
+def run_bertray(args) -> dict:
+    import ray
+
+    from bertray.config import PredictConfig, load_config
+    from bertray.predict import run
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = load_config(ROOT / "configs" / "predict.yaml", [f"model.path={args.model}", f"input={args.input}", f"output={args.output}",
+                             f"max_length={args.max_length}", f"batch_size={args.batch_size}",
+                             *args.overrides], PredictConfig)
+    start = time.perf_counter()
+    summary = run(cfg)
+    seconds = time.perf_counter() - start
+    ray.shutdown()
+    return {"seconds": seconds, "rows": summary["rows_out"]}
+
+
+def run_pipeline(args) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import pipeline
+
+    start = time.perf_counter()
+    pipe = pipeline("text-classification", model=args.model, batch_size=64, device=-1)
+    table = pq.read_table(args.input)
+    results = pipe(table.column("text").to_pylist(), truncation=True, max_length=args.max_length)
+    table = table.append_column("prediction", pa.array([r["label"] for r in results], pa.string()))
+    table = table.append_column("score", pa.array([r["score"] for r in results], pa.float32()))
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, Path(args.output) / "part-0.parquet")
+    return {"seconds": time.perf_counter() - start, "rows": table.num_rows}
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def _psutil():
+    try:
+        import psutil
+    except ImportError:  # not a bertray dependency, but Ray vendors it and puts it on sys.path
+        import ray  # noqa: F401
+
+        psutil = importlib.import_module("psutil")
+    return psutil
+
+
+def measure(which: str, model: Path, inp: Path, out: Path, args) -> dict:
+    """Run one contender in a subprocess and sample memory over its process tree."""
+    psutil = _psutil()
+
+    cmd = [sys.executable, __file__, "--worker", which, "--model", str(model), "--input", str(inp),
+           "--output", str(out), "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
+           *[f"--set={o}" for o in args.overrides]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    peak = {"rss": 0, "uss": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        # RSS (cheap: /proc/<pid>/statm) every 0.2 s; USS (walks page tables) every 2 s, so the
+        # sampler itself takes little CPU from the 2 cores being measured.
+        root = psutil.Process(proc.pid)
+        tick = 0
+        while not done.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            rss = uss = 0
+            for p in procs:
+                try:
+                    if tick % 10 == 0:
+                        info = p.memory_full_info()
+                        uss += info.uss
+                    else:
+                        info = p.memory_info()
+                    rss += info.rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            peak["rss"] = max(peak["rss"], rss)
+            if tick % 10 == 0:
+                peak["uss"] = max(peak["uss"], uss)
+            tick += 1
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, _ = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{which} failed (exit {proc.returncode}); see its output above")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result.update(rows_per_s=result["rows"] / result["seconds"], peak_rss_mib=peak["rss"] / 2**20,
+                  peak_uss_mib=peak["uss"] / 2**20)
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def agreement(a: Path, b: Path) -> float | None:
+    """Share of rows where both outputs predict the same label (rows in input order in both)."""
+    import pyarrow.parquet as pq
+
+    pa_ = pq.read_table(a, columns=["text", "prediction"])
+    pb = pq.read_table(b, columns=["text", "prediction"])
+    if pa_.column("text") != pb.column("text"):
+        return None
+    same = [x == y for x, y in zip(pa_.column("prediction").to_pylist(), pb.column("prediction").to_pylist(),
+                                   strict=True)]
+    return sum(same) / max(len(same), 1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--model", default=None, help="an HF sequence-classifier dir; default: MiniLM + fresh 2-label head")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="bertray micro-batch rows (the pipeline uses 64)")
+    p.add_argument("--growth-rows", type=int, default=None, help="memory-growth base (default rows/10; 0: skip)")
+    p.add_argument("--skip-pipeline", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="extra bertray predict override, e.g. --set amp=fp32")
+    p.add_argument("--results", default=str(ROOT / "bench" / "results" / "predict.json"))
+    p.add_argument("--worker", choices=["bertray", "pipeline"], help=argparse.SUPPRESS)
+    p.add_argument("--input", help=argparse.SUPPRESS)
+    p.add_argument("--output", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        result = (run_bertray if args.worker == "bertray" else run_pipeline)(args)
+        print(json.dumps(result))
+        return 0
+
+    growth_rows = args.rows // 10 if args.growth_rows is None else args.growth_rows
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+        tmp = Path(tmp)
+        model = Path(args.model).resolve() if args.model else quick_classifier(tmp / "model")
+        inp = make_input(args.rows, tmp / "input")
+        print(f"{args.rows} rows, model {model}, max_length {args.max_length}, 2 CPUs", flush=True)
+        results = {"bertray": measure("bertray", model, inp, tmp / "out-bertray", args)}
+        print(f"bertray:  {results['bertray']['rows_per_s']:.1f} rows/s", flush=True)
+        if not args.skip_pipeline:
+            results["pipeline"] = measure("pipeline", model, inp, tmp / "out-pipeline", args)
+            print(f"pipeline: {results['pipeline']['rows_per_s']:.1f} rows/s", flush=True)
+            results["agreement"] = agreement(tmp / "out-bertray", tmp / "out-pipeline")
+        growth = None
+        if growth_rows:
+            small = measure("bertray", model, make_input(growth_rows, tmp / "input-small"), tmp / "out-small", args)
+            growth = {"rows_small": growth_rows, "rows_large": args.rows,
+                      "peak_rss_mib_small": small["peak_rss_mib"], "peak_rss_mib_large": results["bertray"]["peak_rss_mib"],
+                      "peak_uss_mib_small": small["peak_uss_mib"], "peak_uss_mib_large": results["bertray"]["peak_uss_mib"],
+                      "rss_ratio": results["bertray"]["peak_rss_mib"] / small["peak_rss_mib"],
+                      "uss_ratio": results["bertray"]["peak_uss_mib"] / small["peak_uss_mib"],
+                      "seconds_small": small["seconds"],
+                      # throughput without the fixed start-up cost (actors, scan), from the two runs
+                      "marginal_rows_per_s": (args.rows - growth_rows)
+                      / max(results["bertray"]["seconds"] - small["seconds"], 1e-9)}
+
+    base = results.get("pipeline")
+    print()
+    print("| contender | rows | seconds | rows/s | vs pipeline | peak RSS (MiB, tree sum) | peak USS (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in ("bertray", "pipeline"):
+        r = results.get(name)
+        if r:
+            ratio = f"{r['rows_per_s'] / base['rows_per_s']:.2f}x" if base else "-"
+            print(f"| {name} | {r['rows']} | {r['seconds']:.1f} | {r['rows_per_s']:.1f} | {ratio} | "
+                  f"{r['peak_rss_mib']:.0f} | {r['peak_uss_mib']:.0f} |")
+    if results.get("agreement") is not None:
+        print(f"\nsame prediction on {results['agreement']:.2%} of rows (bertray amp=auto vs pipeline fp32)")
+    if growth:
+        print(f"memory growth, bertray {growth_rows} -> {args.rows} rows: peak RSS x{growth['rss_ratio']:.2f}, "
+              f"peak USS x{growth['uss_ratio']:.2f}")
+        fixed = growth["seconds_small"] - growth_rows / growth["marginal_rows_per_s"]
+        print(f"bertray marginal throughput (start-up excluded): {growth['marginal_rows_per_s']:.1f} rows/s; "
+              f"fixed start-up about {fixed:.1f} s")
+    record = {
+        "rows": args.rows, "max_length": args.max_length, "batch_size": args.batch_size,
+        "model": args.model or "MiniLM-L6 + fresh 2-label head", "overrides": args.overrides, "cpus": 2,
+        "machine": _cpu_name(), "results": results, "memory_growth": growth,
+        "speedup": results["bertray"]["rows_per_s"] / base["rows_per_s"] if base else None,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(record, indent=2))
+    print(f"\nwrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
