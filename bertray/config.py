@@ -271,7 +271,7 @@ def _parse_scalar(value: str) -> Any:
     # float coercion in _coerce handles it.
     try:
         return yaml.safe_load(value)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: a date-like value that is no date (2024-13-01)
         return value
 
 

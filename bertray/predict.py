@@ -45,6 +45,10 @@ to the final prefix with ``_SUCCESS`` last, so readers there must wait for ``_SU
 (not atomic). A killed run leaves its temp directory behind; the next run warns about it
 but does not delete it (another run might be writing it).
 
+On a multi-node cluster, local input and output paths must be on a filesystem every node
+mounts at the same path (NFS, a shared volume): read and write tasks run on any node, the
+commit on the driver. Otherwise use an object store.
+
 Files inside the output directory besides the data: ``_SUCCESS`` (the run summary, JSON)
 and, in evaluate mode (``label_column`` set), ``_metrics.json`` and
 ``_confusion_matrix.png``. The leading underscore keeps Parquet readers (pyarrow, pandas,
@@ -577,6 +581,7 @@ def commit(fs: pafs.FileSystem, tmp: str, final: str, on_existing: str) -> None:
         if on_existing == "error":
             raise OutputExistsError(f"output {final} appeared while this run was writing and on_existing=error")
         fs.delete_dir(final)
+    fs.create_dir(final, recursive=True)  # a no-op on object stores, needed on filesystems with directories
     for info in fs.get_file_info(pafs.FileSelector(tmp, recursive=True)):
         if info.type == pafs.FileType.File and os.path.basename(info.path) != SUCCESS_FILE:
             fs.copy_file(info.path, final + info.path[len(tmp):])

@@ -163,6 +163,8 @@ def train_loop(config: dict) -> None:
     _seed_everything(t.seed + rank)
     device = ray.train.torch.get_device()
     dtype = amp_dtype(t.amp, device)
+    print(f"[bertray] worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]}: "
+          f"device={device} amp={dtype or 'fp32'} threads={threads}", flush=True)
 
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     torch.manual_seed(t.seed)  # the same head initialisation on every rank

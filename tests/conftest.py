@@ -49,3 +49,83 @@ def trained(ray_session, data_root, tmp_path_factory):
     # batch 8 per worker keeps the optimizer steps of the 1-worker smoke run (batch 16)
     cfg = smoke_config(out, "scaling.num_workers=2", "train.amp=fp32", "train.batch_size=8")
     return cfg, run(cfg)
+
+
+def ray_cli_env() -> dict:
+    """Environment for `ray start` / `ray job submit` with token auth on, as on a real cluster."""
+    import subprocess
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if not token.exists() and "RAY_AUTH_TOKEN" not in env:
+        subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    return env
+
+
+class RayCluster:
+    """A real Ray cluster started with `ray start` (head + optional extra nodes), stopped on exit.
+
+    Each node runs `ray start --block` in its own process group, so stopping it never touches the
+    test session's own Ray instance (which `ray stop` would).
+    """
+
+    def __init__(self, port: int, dashboard_port: int, cpus: int = 2, extra_nodes: int = 0):
+        self.port, self.dash, self.cpus, self.extra = port, dashboard_port, cpus, extra_nodes
+        self.env = ray_cli_env()
+        self.procs = []
+        self.address = f"http://127.0.0.1:{dashboard_port}"
+
+    def _start(self, args):
+        import subprocess
+
+        self.procs.append(subprocess.Popen(["ray", "start", "--block", "--disable-usage-stats", f"--num-cpus={self.cpus}", *args],
+                                           env=self.env, start_new_session=True,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def __enter__(self):
+        import subprocess
+        import time
+
+        self._start(["--head", f"--port={self.port}", f"--dashboard-port={self.dash}", "--dashboard-host=127.0.0.1"])
+        deadline = time.time() + 120
+        while subprocess.run(["ray", "job", "list", f"--address={self.address}"], env=self.env,
+                             capture_output=True).returncode != 0:
+            if time.time() > deadline:
+                raise RuntimeError("the Ray head did not come up within 120 s")
+            time.sleep(2)
+        for _ in range(self.extra):
+            self._start([f"--address=127.0.0.1:{self.port}"])
+        if self.extra:
+            import json
+
+            while True:
+                status = subprocess.run(["ray", "list", "nodes", f"--address={self.address}", "--format=json"],
+                                        env=self.env, capture_output=True, text=True)
+                alive = [n for n in json.loads(status.stdout or "[]") if n.get("state") == "ALIVE"] if status.returncode == 0 else []
+                if len(alive) >= 1 + self.extra:
+                    break
+                if time.time() > deadline:
+                    raise RuntimeError(f"only {len(alive)} Ray node(s) came up")
+                time.sleep(2)
+        return self
+
+    def submit(self, *args: str, timeout: int = 900):
+        import subprocess
+
+        cmd = ["ray", "job", "submit", f"--address={self.address}", "--working-dir", str(ROOT), "--", "python", *args]
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def __exit__(self, *exc):
+        import signal
+        import subprocess
+
+        for p in reversed(self.procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=60)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, smoke_config
+from conftest import ROOT, RayCluster, smoke_config
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.metrics import confusion_matrix as sk_confusion
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
@@ -39,7 +39,7 @@ def test_ddp_run_learns(trained):
 
 def test_checkpoints_hf_format_and_best_k(trained):
     cfg, result = trained
-    ckpts = sorted((Path(cfg.storage_path) / cfg.name).glob("checkpoint_*"))
+    ckpts = sorted(p for p in (Path(cfg.storage_path) / cfg.name).glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == cfg.checkpoint.num_to_keep == 2  # 3 epochs, best 2 kept
     kept_epochs = sorted(json.loads((c / "trainer_state.json").read_text())["epoch"] for c in ckpts)
     by_acc = sorted(result.history, key=lambda r: (-r["accuracy"], -r["epoch"]))
@@ -84,7 +84,7 @@ def test_metrics_equal_sklearn_on_the_same_predictions(trained, data_root):
 
 
 def test_resume_after_a_worker_is_killed(ray_session, tmp_path):
-    from ray.util.state import list_actors
+    import psutil
 
     from bertray.train import run
 
@@ -95,10 +95,12 @@ def test_resume_after_a_worker_is_killed(ray_session, tmp_path):
     def kill_worker_after_first_checkpoint():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            if list(run_dir.glob("checkpoint_*")):
-                for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
-                    os.kill(a.pid, signal.SIGKILL)
-                    killed["pid"] = a.pid
+            if any(p.is_dir() for p in run_dir.glob("checkpoint_*")):
+                for p in psutil.process_iter(["cmdline"]):  # Ray titles worker processes ray::<Actor>
+                    if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed["pid"] = p.pid
+                if killed:
                     return
             time.sleep(0.2)
 
@@ -148,31 +150,10 @@ def test_wrong_column_is_a_clear_error(ray_session, tmp_path):
 @pytest.mark.slow
 def test_ray_job_submit_on_a_started_head(tmp_path):
     """`ray start --head` (token auth on), `ray job submit` the smoke config, the job writes the model."""
-    port, dash = 6479, 8366
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
-                             "--block", "--disable-usage-stats"], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out = tmp_path / "job"
-        submit = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT), "--",
-                  "python", "jobs/train.py", "--config", "configs/smoke.yaml", f"output_dir={out}",
-                  f"data.root={os.environ['BERTRAY_DATA_ROOT']}", "train.epochs=1", "data.max_train_rows=128"]
-        deadline = time.time() + 120
-        while True:  # the dashboard takes a few seconds to come up
-            probe = subprocess.run(["ray", "job", "list", f"--address=http://127.0.0.1:{dash}"], env=env,
-                                   capture_output=True, text=True)
-            if probe.returncode == 0 or time.time() > deadline:
-                break
-            time.sleep(2)
-        proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "succeeded" in proc.stdout.lower()
-        assert (out / "model" / "model.safetensors").exists() and (out / "metrics.json").exists()
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+    out = tmp_path / "job"
+    with RayCluster(port=6479, dashboard_port=8366) as cluster:
+        proc = cluster.submit("jobs/train.py", "--config", "configs/smoke.yaml", f"output_dir={out}",
+                              f"data.root={os.environ['BERTRAY_DATA_ROOT']}", "train.epochs=1", "data.max_train_rows=128")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout.lower()
+    assert (out / "model" / "model.safetensors").exists() and (out / "metrics.json").exists()

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import smoke_config
 
 from bertray.config import RunConfig, load_config
-from conftest import smoke_config
 
 
 @pytest.mark.slow
