@@ -31,20 +31,26 @@ Prints a table and writes bench/results/predict.json (appending to docs/benchmar
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
-import os
-import platform
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+# `python bench/predict.py` puts bench/ first on sys.path (and Ray copies it to its workers'); keep
+# the repo root there instead, so no bench script can ever shadow a library module.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+ROOT = _HERE.parent
 sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -92,7 +98,8 @@ def run_bertray(args) -> dict:
     from bertray.config import PredictConfig, load_config
     from bertray.predict import run
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # address="local": always a private 2-CPU cluster, never one a `ray start` left running
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = load_config(ROOT / "configs" / "predict.yaml", [f"model.path={args.model}", f"input={args.input}", f"output={args.output}",

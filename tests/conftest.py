@@ -26,7 +26,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+        # address="local": always a fresh local instance, even while a `ray start` cluster runs
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
@@ -79,7 +80,11 @@ class RayCluster:
     def _start(self, args):
         import subprocess
 
-        self.procs.append(subprocess.Popen(["ray", "start", "--block", "--disable-usage-stats", f"--num-cpus={self.cpus}", *args],
+        # Every node's dashboard agent listens on 52365 by default; a second Ray instance on
+        # this machine (the test session's own) would hold it and job submission would fail.
+        agent_port = self.port + 1000 + len(self.procs)
+        self.procs.append(subprocess.Popen(["ray", "start", "--block", "--disable-usage-stats", f"--num-cpus={self.cpus}",
+                                            f"--dashboard-agent-listen-port={agent_port}", *args],
                                            env=self.env, start_new_session=True,
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
@@ -112,9 +117,16 @@ class RayCluster:
 
     def submit(self, *args: str, timeout: int = 900):
         import subprocess
+        import time
 
         cmd = ["ray", "job", "submit", f"--address={self.address}", "--working-dir", str(ROOT), "--", "python", *args]
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        for _ in range(30):
+            proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+            # the job agent starts a little after the dashboard answers
+            if "No available agent to submit job" not in proc.stderr:
+                return proc
+            time.sleep(3)
+        return proc
 
     def __exit__(self, *exc):
         import signal

@@ -95,7 +95,9 @@ def test_resume_after_a_worker_is_killed(ray_session, tmp_path):
     def kill_worker_after_first_checkpoint():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            if any(p.is_dir() for p in run_dir.glob("checkpoint_*")):
+            # a checkpoint counts once Ray Train has registered it (after the upload)
+            snapshot = run_dir / "checkpoint_manager_snapshot.json"
+            if snapshot.exists() and '"checkpoint_dir_name"' in snapshot.read_text():
                 for p in psutil.process_iter(["cmdline"]):  # Ray titles worker processes ray::<Actor>
                     if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
                         os.kill(p.pid, signal.SIGKILL)

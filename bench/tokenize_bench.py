@@ -1,7 +1,7 @@
 """Tokenization throughput and memory: bertray's Ray Data pipeline vs the plain datasets.map way.
 
-    python bench/tokenize.py                 # 500,000 rows (SST-2 repeated), max_length 128
-    python bench/tokenize.py --rows 100000   # quicker
+    python bench/tokenize_bench.py                 # 500,000 rows (SST-2 repeated), max_length 128
+    python bench/tokenize_bench.py --rows 100000   # quicker
 
 Each measurement runs in its own process so peak memory is its own. Peak RSS for bertray is the
 driver plus every Ray worker process (ray::*), sampled every 0.1 s; Ray's fixed daemons (GCS,
