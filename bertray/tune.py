@@ -25,6 +25,8 @@ from bertray.config import RunConfig, apply_overrides, config_from_dict, dump_ya
 from bertray.train import build_trainer, init_ray, prepare_data
 
 SPACE_KEY = "overrides"
+# The trial function only waits on its TorchTrainer; Tune needs a non-empty request, so a sliver.
+TRIAL_CPUS = 0.01
 
 
 def search_space(space: dict) -> dict:
@@ -59,7 +61,7 @@ def trial_cpus_per_worker(cfg: RunConfig) -> float:
         return cfg.scaling.cpus_per_worker or 1
     total = ray.cluster_resources().get("CPU", 0)
     n = cfg.tune.max_concurrent_trials
-    share = (total - n * cfg.scaling.data_cpus) / (n * cfg.scaling.num_workers)
+    share = (total - n * (cfg.scaling.data_cpus + TRIAL_CPUS)) / (n * cfg.scaling.num_workers)
     if share <= 0:
         raise ValueError(f"tune.max_concurrent_trials={n}: the cluster's {total:g} CPUs cannot hold {n} trial(s) of "
                          f"{cfg.scaling.num_workers} worker(s) plus scaling.data_cpus={cfg.scaling.data_cpus:g} each; "
@@ -94,8 +96,7 @@ def run(cfg: RunConfig) -> pd.DataFrame:
 
         search_alg = OptunaSearch()
     experiment = f"{cfg.output_dir}/tune"
-    # The trial function only waits on its TorchTrainer, so it holds no CPU of its own.
-    trainable = tune.with_resources(run_trial, {"CPU": 0})
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPUS})
     if tune.Tuner.can_restore(experiment):
         print(f"[bertray] resuming the search in {experiment}", flush=True)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)

@@ -107,7 +107,10 @@ class RayCluster:
             while True:
                 status = subprocess.run(["ray", "list", "nodes", f"--address={self.address}", "--format=json"],
                                         env=self.env, capture_output=True, text=True)
-                alive = [n for n in json.loads(status.stdout or "[]") if n.get("state") == "ALIVE"] if status.returncode == 0 else []
+                try:  # the state API may answer with a warning before it is ready
+                    alive = [n for n in json.loads(status.stdout) if n.get("state") == "ALIVE"]
+                except ValueError:
+                    alive = []
                 if len(alive) >= 1 + self.extra:
                     break
                 if time.time() > deadline:
