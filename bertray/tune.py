@@ -69,15 +69,19 @@ def trial_cpus_per_worker(cfg: RunConfig) -> float:
     return math.floor(share * 100) / 100
 
 
-def run_trial(config: dict) -> None:
-    """One Tune trial: the base config plus this trial's sampled values, trained by build_trainer."""
+def run_trial(config: dict, prepared=None) -> None:
+    """One Tune trial: the base config plus this trial's sampled values, trained by build_trainer.
+
+    ``prepared`` (datasets and label map) is built once on the driver: inside a trial Ray Tune
+    caps Ray Data at the trial's own (tiny) CPU request, and every trial would re-scan the data.
+    """
     base = config_from_dict(config["base"])
     cfg = apply_overrides(base, config[SPACE_KEY])
     ctx = tune.get_context()
     trial_dir = f"{base.output_dir}/trials/{ctx.get_trial_id()}"
     cfg = dataclasses.replace(cfg, output_dir=trial_dir, storage_path=f"{base.output_dir}/trials",
                               name=ctx.get_trial_id())
-    result = build_trainer(cfg, prepare_data(cfg), callbacks=[TuneReportCallback()]).fit()
+    result = build_trainer(cfg, prepared, callbacks=[TuneReportCallback()]).fit()
     if result.error:
         raise result.error
 
@@ -96,7 +100,12 @@ def run(cfg: RunConfig) -> pd.DataFrame:
 
         search_alg = OptunaSearch()
     experiment = f"{cfg.output_dir}/tune"
-    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPUS})
+    data_keys = [k for k in cfg.tune.space if k.startswith(("data.", "model.name")) or k == "train.max_length"]
+    if data_keys:
+        raise ValueError(f"tune.space: {data_keys} change the data pipeline, which is prepared once for all trials; "
+                         "search model and training keys (train.lr, train.epochs, ...) instead")
+    prepared = prepare_data(cfg)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, prepared=prepared), {"CPU": TRIAL_CPUS})
     if tune.Tuner.can_restore(experiment):
         print(f"[bertray] resuming the search in {experiment}", flush=True)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
