@@ -472,6 +472,12 @@ def validate_search_space(tune: TuneConfig, cfg: RunConfig) -> list[str]:
         if node is KeyError or isinstance(node, dict) or key.startswith("tune."):
             p.append(f"{where}: unknown config key {key!r}; the space names keys like train.lr, train.epochs")
             continue
+        if key.startswith(("data.", "model.name")) or key == "train.max_length":
+            # The data is read and tokenized once for all trials (a pipeline per trial would not fit
+            # beside the trials' training workers), so keys that change it cannot vary per trial.
+            p.append(f"{where}: {key} changes the data pipeline, which is prepared once for all trials; "
+                     "search model and training keys (train.lr, train.epochs, ...) instead")
+            continue
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
             p.append(f"{where}={spec!r}: give exactly one of {', '.join(DISTRIBUTIONS)}, e.g. {{loguniform: [1e-5, 1e-4]}}")
             continue

@@ -122,6 +122,20 @@ def read_table(path: str, fmt: str = "auto", columns: list[str] | None = None, i
     return ray.data.read_json(files, lines=True, include_paths=include_paths, num_cpus=TASK_CPUS)
 
 
+def check_inputs(cfg: DataConfig) -> None:
+    """Fail fast, before Ray starts, when a configured data path holds no files.
+
+    Raises:
+        DataError: naming the path and the config key.
+    """
+    for key, path in (("data.train", cfg.train), ("data.validation", cfg.validation)):
+        if path and not _is_hf_dataset(path):
+            try:
+                expand_paths(path)
+            except DataError as e:
+                raise DataError(f"{key}: {e}") from None
+
+
 def check_columns(ds: ray.data.Dataset, path: str, required: dict[str, str]) -> None:
     """``required`` maps config key -> column name. Raises DataError listing the columns that exist."""
     names = list(ds.schema().names)

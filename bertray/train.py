@@ -417,6 +417,7 @@ def run(cfg: RunConfig) -> TrainResult:
     if "://" in cfg.output_dir:
         raise ValueError(f"output_dir={cfg.output_dir}: give a local or shared-filesystem directory; "
                          "put object-store URIs in storage_path (checkpoints)")
+    bdata.check_inputs(cfg.data)
     init_ray()
     prepared = prepare_data(cfg)
     print(f"[bertray] labels: {prepared.id2label}; training rows: {prepared.train_rows}"

@@ -22,6 +22,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from bertray.checkpoint import export_model
 from bertray.config import RunConfig, apply_overrides, config_from_dict, dump_yaml, to_dict
+from bertray.data import check_inputs
 from bertray.train import build_trainer, init_ray, prepare_data
 
 SPACE_KEY = "overrides"
@@ -90,6 +91,7 @@ def run(cfg: RunConfig) -> pd.DataFrame:
     """Run the search, write results.csv, best_config.yaml, best_model/ and the curves plot."""
     if not cfg.tune.space:
         raise ValueError("tune.space is empty: name at least one key, e.g. train.lr: {loguniform: [1e-5, 1e-4]}")
+    check_inputs(cfg.data)
     init_ray()
     metric, mode = cfg.checkpoint.metric, "min" if cfg.checkpoint.metric == "loss" else "max"
     base = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, cpus_per_worker=trial_cpus_per_worker(cfg)))
@@ -100,10 +102,6 @@ def run(cfg: RunConfig) -> pd.DataFrame:
 
         search_alg = OptunaSearch()
     experiment = f"{cfg.output_dir}/tune"
-    data_keys = [k for k in cfg.tune.space if k.startswith(("data.", "model.name")) or k == "train.max_length"]
-    if data_keys:
-        raise ValueError(f"tune.space: {data_keys} change the data pipeline, which is prepared once for all trials; "
-                         "search model and training keys (train.lr, train.epochs, ...) instead")
     prepared = prepare_data(cfg)
     trainable = tune.with_resources(tune.with_parameters(run_trial, prepared=prepared), {"CPU": TRIAL_CPUS})
     if tune.Tuner.can_restore(experiment):

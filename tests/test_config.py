@@ -78,6 +78,7 @@ def test_fp16_needs_gpu_and_class_weights_checked():
     ({"train.lr": {"loguniform": [0, 1e-4]}}, "bounds must be > 0"),
     ({"train.epochs": {"choice": []}}, "non-empty list"),
     ({"train.epochs": {"normal": [1, 2]}}, "give exactly one of"),
+    ({"train.max_length": {"choice": [64, 128]}}, "changes the data pipeline"),
 ])
 def test_bad_search_space(space, message):
     with pytest.raises(ConfigError, match=message):
