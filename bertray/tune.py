@@ -52,7 +52,7 @@ def max_epochs(cfg: RunConfig) -> int:
     spec = cfg.tune.space.get("train.epochs")
     if not spec:
         return cfg.train.epochs
-    kind, args = next(iter(spec.items()))
+    _, args = next(iter(spec.items()))  # choice/grid: the values; randint: [low, high]
     return int(max(args))
 
 

@@ -26,8 +26,11 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        # address="local": always a fresh local instance, even while a `ray start` cluster runs
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
+        # address="local": always a fresh local instance, even while a `ray start` cluster runs.
+        # The dashboard stays on: Ray Train's PlacementGroupCleaner asks the state API (served by
+        # the dashboard) whether a controller died; without it, a Tune trial that ASHA stops
+        # leaks its worker group's CPUs and the next trial's data pipeline never schedules.
+        ray.init(address="local", num_cpus=2, log_to_driver=True,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -13,8 +13,6 @@ from bertray.config import RunConfig, load_config
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="issue 5 open: on 2 CPUs the trial's Ray Data ingest stalls under Tune's resource caps; "
-                         "see the session note")
 def test_asha_stops_the_bad_trial_and_exports_the_best(ray_session, tmp_path):
     from bertray.train import run as train
     from bertray.tune import run
