@@ -1,7 +1,8 @@
 """The shared command line of jobs/*.py: ``--config FILE [key=value ...]``.
 
 Exit status: 0 done; 1 bad input (data, model or output; the message says which and the
-fix); 2 bad config (every problem listed). Ray is imported only once the config is valid.
+fix); 2 bad config (every problem listed); 130 interrupted, state saved (re-run to resume).
+Ray is imported only once the config is valid.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import json
 import sys
 
 from bertray.config import ConfigError, load_config
+
+
+class Interrupted(Exception):
+    """A run stopped before its end with its state saved; re-running the command resumes it."""
 
 
 def main(doc: str, cls, runner: str, argv=None) -> int:
@@ -32,6 +37,9 @@ def main(doc: str, cls, runner: str, argv=None) -> int:
     except ValueError as e:  # user input: DataError, PredictError, bad scaling, ...
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
     if isinstance(result, dict):
         print(json.dumps(result, indent=2, default=str))
     return 0

@@ -8,9 +8,13 @@ ASHA stops poor trials early on the per-epoch validation metric. At the end
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +25,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from bertray.checkpoint import export_model
+from bertray.cli import Interrupted
 from bertray.config import RunConfig, apply_overrides, config_from_dict, dump_yaml, to_dict
 from bertray.data import check_inputs
 from bertray.train import build_trainer, init_ray, prepare_data
@@ -119,8 +124,43 @@ def run(cfg: RunConfig) -> pd.DataFrame:
             ),
             run_config=tune.RunConfig(name="tune", storage_path=cfg.output_dir),
         )
-    grid = tuner.fit()
+    with _interrupt_flag() as interrupted:
+        grid = tuner.fit()
+    if interrupted.is_set():
+        raise Interrupted(f"the search stopped with its state saved in {experiment}; "
+                          "re-run the same command to resume it")
     return summarize(grid, cfg, metric, mode)
+
+
+@contextlib.contextmanager
+def _interrupt_flag():
+    """Ctrl-C during ``Tuner.fit``: Tune still saves the experiment and stops, and we learn of it.
+
+    Tune's own SIGINT handler stops the search but then returns the partial results as if it
+    had finished, so a summary of half-run trials would be written as the answer. Our handler
+    records the interrupt and hands it to Tune's SIGUSR1 handler (the same graceful stop).
+    """
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        yield flag
+        return
+
+    def on_sigint(signum, frame):
+        flag.set()
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C stops at once
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if saved_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
 
 
 def summarize(grid, cfg: RunConfig, metric: str, mode: str) -> pd.DataFrame:
