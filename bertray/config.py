@@ -221,6 +221,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError([f"{path} is not valid YAML: {e}"], source) from e
+        except ValueError as e:  # YAML reads 2024-13-01 as a date and fails building it
+            raise ConfigError([f"{path}: a value that looks like a date is not one ({e}); "
+                               "quote it or write a real YYYY-MM-DD date"], source) from e
         if not isinstance(raw, dict):
             raise ConfigError([f"{path} must hold a mapping at the top level, got {type(raw).__name__}"], source)
     problems: list[str] = []

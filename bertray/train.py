@@ -41,6 +41,15 @@ from bertray.schedules import build_scheduler
 log = logging.getLogger(__name__)
 
 
+def _progress(message: str) -> None:
+    """A progress line from a training worker, shown once on the driver and in the run's log.
+
+    Ray Train patches ``print`` in workers to both print and log, so every line came out twice;
+    its root logger (console + the run's app log file) shows a logged line once.
+    """
+    log.info("[bertray] %s", message)
+
+
 # ----------------------------------------------------------------------------- data sharding
 
 
@@ -163,8 +172,8 @@ def train_loop(config: dict) -> None:
     _seed_everything(t.seed + rank)
     device = ray.train.torch.get_device()
     dtype = amp_dtype(t.amp, device)
-    print(f"[bertray] worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]}: "
-          f"device={device} amp={dtype or 'fp32'} threads={threads}", flush=True)
+    _progress(f"worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]}: "
+          f"device={device} amp={dtype or 'fp32'} threads={threads}")
 
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     torch.manual_seed(t.seed)  # the same head initialisation on every rank
@@ -190,8 +199,8 @@ def train_loop(config: dict) -> None:
             state = load_checkpoint(d, model, optimizer, scheduler, scaler)
         state["restores"] += 1
         if rank == 0:
-            print(f"[bertray] resumed from checkpoint: epoch {state['epoch']} step {state['step_in_epoch']} "
-                  f"(global step {state['global_step']})", flush=True)
+            _progress(f"resumed from checkpoint: epoch {state['epoch']} step {state['step_in_epoch']} "
+                  f"(global step {state['global_step']})")
     resumed_at = (state["epoch"], state["step_in_epoch"]) if ckpt else None
 
     writer = None
@@ -221,9 +230,8 @@ def train_loop(config: dict) -> None:
         report = {**record, "per_class": json.dumps(metrics["per_class"]),
                   "confusion_matrix": json.dumps(metrics["confusion_matrix"])}
         if rank == 0:
-            print(f"[bertray] eval epoch={record['epoch']} step={state['global_step']} "
-                  f"loss={metrics['loss']:.4f} accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f}",
-                  flush=True)
+            _progress(f"eval epoch={record['epoch']} step={state['global_step']} "
+                  f"loss={metrics['loss']:.4f} accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f}")
             if writer:
                 for k in ("loss", "accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro"):
                     writer.add_scalar(f"eval/{k}", metrics[k], state["global_step"])
@@ -269,8 +277,8 @@ def train_loop(config: dict) -> None:
                 elapsed = time.perf_counter() - window_start
                 rate = window_samples * world / max(elapsed, 1e-9)
                 lr = scheduler.get_last_lr()[0]
-                print(f"[bertray] epoch={epoch + 1}/{t.epochs} step={state['global_step']}/{total_steps} "
-                      f"loss={loss_sum / loss_n:.4f} lr={lr:.2e} samples/s={rate:.1f}", flush=True)
+                _progress(f"epoch={epoch + 1}/{t.epochs} step={state['global_step']}/{total_steps} "
+                      f"loss={loss_sum / loss_n:.4f} lr={lr:.2e} samples/s={rate:.1f}")
                 if writer:
                     writer.add_scalar("train/loss", loss_sum / loss_n, state["global_step"])
                     writer.add_scalar("train/lr", lr, state["global_step"])
@@ -288,7 +296,7 @@ def train_loop(config: dict) -> None:
         if patience and state["stale_epochs"] >= patience and state["epoch"] < t.epochs:
             state["stopped_early"] = True
             if rank == 0:
-                print(f"[bertray] early stopping: {metric} did not improve for {patience} epoch(s)", flush=True)
+                _progress(f"early stopping: {metric} did not improve for {patience} epoch(s)")
     if writer:
         writer.close()
 

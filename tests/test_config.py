@@ -60,6 +60,9 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    bad.write_text("input: a.parquet\noutput: out\nmodel: {path: m}\ndate: 2026-13-45\n")
+    with pytest.raises(ConfigError, match="looks like a date is not one"):
+        load_config(bad, cls=PredictConfig)
 
 
 def test_fp16_needs_gpu_and_class_weights_checked():
