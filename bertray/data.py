@@ -23,7 +23,7 @@ from ray.data import ActorPoolStrategy
 
 from bertray.config import DataConfig
 from bertray.labels import build_label_map, encode_labels
-from bertray.tokenization import length_order, tokenize
+from bertray.tokenization import encode_flat, length_order
 
 log = logging.getLogger(__name__)
 
@@ -253,11 +253,11 @@ class Tokenize:
     def __init__(self, model_name: str, max_length: int, label2id: dict[str, int] | None,
                  bucketing: bool, text_column: str = "text", label_column: str = "label",
                  truncation: str = "head", trust_remote_code: bool = False, keep_columns: bool = False):
-        from bertray.modeling import load_tokenizer
+        from bertray.modeling import load_fast_tokenizer
 
         # A tokenizer per actor must not also spawn its own Rust thread pool per core.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.tokenizer = load_tokenizer(model_name, trust_remote_code)
+        self.tokenizer = load_fast_tokenizer(model_name, trust_remote_code)
         self.max_length = max_length
         self.label2id = label2id
         self.bucketing = bucketing
@@ -268,9 +268,8 @@ class Tokenize:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column(self.text_column).to_pylist()
-        ids = tokenize(self.tokenizer, texts, self.max_length, self.truncation)
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
-        cols = {"input_ids": pa.array(ids, type=pa.list_(pa.int32()))}
+        values, offsets = encode_flat(self.tokenizer, texts, self.max_length, self.truncation)
+        cols = {"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))}
         if self.label2id is not None:
             cols["labels"] = pa.array(encode_labels(batch.column(self.label_column).to_pylist(), self.label2id, self.label_column))
         out = pa.table(cols)
@@ -278,7 +277,7 @@ class Tokenize:
             for name in batch.column_names:
                 out = out.append_column(name, batch.column(name))
         if self.bucketing:
-            out = out.take(pa.array(length_order(lengths)))
+            out = out.take(pa.array(length_order(np.diff(offsets))))
         return out
 
 

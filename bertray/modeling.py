@@ -7,10 +7,12 @@ unless a config opts in.
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from bertray.config import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_model_path(name: str) -> str:
@@ -44,6 +46,22 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     if not tok.is_fast:
         raise RuntimeError(f"model {name!r} has no fast (Rust) tokenizer; bertray needs tokenizer.json")
     return tok
+
+
+def load_fast_tokenizer(name: str, trust_remote_code: bool = False):
+    """The Rust ``tokenizers.Tokenizer`` behind the model's fast tokenizer.
+
+    A local model directory's ``tokenizer.json`` loads in milliseconds without importing
+    transformers or torch (seconds per tokenizer actor); hub ids and directories without a
+    ``tokenizer.json`` go through :func:`load_tokenizer`.
+    """
+    path = resolve_model_path(name)
+    file = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(file):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(file)
+    return load_tokenizer(name, trust_remote_code).backend_tokenizer
 
 
 def load_classifier(name: str, label2id: dict[str, int] | None = None, id2label: dict[int, str] | None = None,
@@ -88,6 +106,8 @@ def check_is_classifier(path: str) -> None:
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``amp`` (None = fp32). ``auto`` picks bf16 where it is fast."""
+    import torch
+
     if amp == "fp32":
         return None
     if amp == "bf16":

@@ -85,8 +85,10 @@ def run_trial(config: dict, prepared=None) -> None:
     cfg = apply_overrides(base, config[SPACE_KEY])
     ctx = tune.get_context()
     trial_dir = f"{base.output_dir}/trials/{ctx.get_trial_id()}"
-    cfg = dataclasses.replace(cfg, output_dir=trial_dir, storage_path=f"{base.output_dir}/trials",
-                              name=ctx.get_trial_id())
+    # Trial checkpoints go where the training job's go (storage_path: shared or an object store on
+    # a multi-node cluster); TensorBoard files under the trial's output_dir.
+    cfg = dataclasses.replace(cfg, output_dir=trial_dir, storage_path=base.storage_path,
+                              name=f"{base.name}-{ctx.get_trial_id()}")
     result = build_trainer(cfg, prepared, callbacks=[TuneReportCallback()]).fit()
     if result.error:
         raise result.error
@@ -106,7 +108,7 @@ def run(cfg: RunConfig) -> pd.DataFrame:
         from ray.tune.search.optuna import OptunaSearch  # optional dependency: pip install optuna
 
         search_alg = OptunaSearch()
-    experiment = f"{cfg.output_dir}/tune"
+    experiment = f"{cfg.storage_path}/{cfg.name}-tune"  # the search state, beside the trials
     prepared = prepare_data(cfg)
     trainable = tune.with_resources(tune.with_parameters(run_trial, prepared=prepared), {"CPU": TRIAL_CPUS})
     if tune.Tuner.can_restore(experiment):
@@ -122,7 +124,7 @@ def run(cfg: RunConfig) -> pd.DataFrame:
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=max_epochs(cfg), grace_period=cfg.tune.grace_period,
                                         reduction_factor=cfg.tune.reduction_factor),
             ),
-            run_config=tune.RunConfig(name="tune", storage_path=cfg.output_dir),
+            run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=cfg.storage_path),
         )
     with _interrupt_flag() as interrupted:
         grid = tuner.fit()
@@ -187,7 +189,7 @@ def summarize(grid, cfg: RunConfig, metric: str, mode: str) -> pd.DataFrame:
     best_cfg = dataclasses.replace(best_cfg, tune=dataclasses.replace(best_cfg.tune, space={}),
                                    output_dir=f"{cfg.output_dir}/best_run", storage_path=None, name=None)
     dump_yaml(best_cfg, out / "best_config.yaml",
-              header=f"# Best trial of {out}/tune ({metric}={table.iloc[0][f'best_{metric}']:.4f}); reproduce with:\n"
+              header=f"# Best trial of {cfg.storage_path}/{cfg.name}-tune ({metric}={table.iloc[0][f'best_{metric}']:.4f}); reproduce with:\n"
                      f"#   python jobs/train.py --config {out}/best_config.yaml")
     df = best.metrics_dataframe
     row = df.loc[df[metric].idxmin() if mode == "min" else df[metric].idxmax()]

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bertray.modeling import load_tokenizer
-from bertray.tokenization import pad_flat, pad_rows, tokenize
+from bertray.modeling import load_fast_tokenizer, load_tokenizer
+from bertray.tokenization import encode_flat, pad_flat, pad_rows, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +51,13 @@ def test_pad_flat_matches_pad_rows_on_sliced_arrow(tokenizer, texts):
     a = pad_flat(arr.values.to_numpy(), arr.offsets.to_numpy(), 0)
     b = pad_rows(ids[5:25], 0)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_rust_tokenizer_from_tokenizer_json_matches_transformers(tokenizer, data_root):
+    """Actors load tokenizer.json directly (no transformers import); ids must not change."""
+    texts = pd.read_parquet(data_root / "trec" / "train.parquet")["text"].tolist()[:500]
+    texts += [" ".join(["Überraschung, naïve café!"] * 40), "", "   "]
+    values, offsets = encode_flat(load_fast_tokenizer("default"), texts, 64)
+    ref = tokenizer(texts, truncation=True, max_length=64)["input_ids"]
+    assert [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:], strict=True)] == ref
+    assert values.dtype == np.int32 and offsets[0] == 0 and offsets[-1] == len(values)
