@@ -53,7 +53,7 @@ def run_trainer(rows: int, max_length: int, best: bool) -> dict:
         args = TrainingArguments(
             output_dir=out, num_train_epochs=1, per_device_train_batch_size=32 if best else 16,
             per_device_eval_batch_size=64, learning_rate=1e-4 if best else 5e-5, warmup_steps=0.06 if best else 0,
-            bf16=best, group_by_length=best, save_strategy="no", report_to=[], logging_steps=50,
+            bf16=best, train_sampling_strategy="group_by_length" if best else "random", save_strategy="no", report_to=[], logging_steps=50,
             use_cpu=True, seed=42, dataloader_num_workers=0)
         trainer = Trainer(model=model, args=args, train_dataset=encode(train), eval_dataset=encode(val),
                           data_collator=DataCollatorWithPadding(tok, pad_to_multiple_of=8) if best else None,

@@ -23,9 +23,8 @@ per class. Text and label columns must be stored in the files (not hive keys).
 
 Speed on CPU. Each predictor call takes a large batch (``PREDICT_BATCH_ROWS``), orders its
 rows by token length, runs micro-batches of ``batch_size`` rows padded only to their own
-longest row, with the weights cast to bf16 where ``amp`` says so (``auto``: when the CPU
-has AVX512-BF16/AMX; inference needs no fp32 master weights, and a bf16 model skips
-autocast's per-op casts), with eager attention for narrow micro-batches and SDPA for wide ones, and
+longest row, under bf16 autocast where ``amp`` says so (``auto``: when the CPU has
+AVX512-BF16/AMX), with eager attention for narrow micro-batches and SDPA for wide ones, and
 then restores the original row order. The model loads once per actor; torch gets the
 node's cores divided by the predictors.
 
@@ -242,8 +241,6 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.attn_switch = self.device.type == "cpu" and self._can_switch_attention()
         self.dtype = amp_dtype(amp, self.device)
-        if self.dtype is not None:
-            self.model = self.model.to(self.dtype)
         id2label = {int(k): v for k, v in model.config.id2label.items()}
         self.names = pa.array([id2label[i] for i in range(len(id2label))], pa.string())
         self.batch_size = batch_size
@@ -286,7 +283,9 @@ class Predictor:
         ordered = ids.take(pa.array(order))  # contiguous, offsets from 0
         values = ordered.values.to_numpy()
         offsets = ordered.offsets.to_numpy()
-        with torch.inference_mode():
+        autocast = (torch.autocast(device_type=self.device.type, dtype=self.dtype) if self.dtype is not None
+                    else torch.autocast(device_type=self.device.type, enabled=False))
+        with torch.inference_mode(), autocast:
             for start in range(0, n, self.batch_size):
                 stop = min(start + self.batch_size, n)
                 input_ids, mask = pad_flat(values, offsets[start:stop + 1], self.pad_id, self.pad_multiple)
