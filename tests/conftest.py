@@ -147,3 +147,12 @@ class RayCluster:
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        # `ray start --head` records its address in /tmp/ray/ray_current_cluster and only `ray stop`
+        # removes it. Left behind, it points every later address-less lookup at this dead head,
+        # among them Ray Train's PlacementGroupCleaner, which then never frees a stopped Tune
+        # trial's CPUs.
+        from ray._common.utils import get_ray_address_file
+
+        address_file = Path(get_ray_address_file(None))
+        if address_file.is_file() and address_file.read_text().strip().endswith(f":{self.port}"):
+            address_file.unlink(missing_ok=True)
