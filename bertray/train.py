@@ -173,7 +173,7 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     dtype = amp_dtype(t.amp, device)
     _progress(f"worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]}: "
-          f"device={device} amp={dtype or 'fp32'} threads={threads}")
+              f"device={device} amp={dtype or 'fp32'} threads={threads}")
 
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     torch.manual_seed(t.seed)  # the same head initialisation on every rank
@@ -200,7 +200,7 @@ def train_loop(config: dict) -> None:
         state["restores"] += 1
         if rank == 0:
             _progress(f"resumed from checkpoint: epoch {state['epoch']} step {state['step_in_epoch']} "
-                  f"(global step {state['global_step']})")
+                      f"(global step {state['global_step']})")
     resumed_at = (state["epoch"], state["step_in_epoch"]) if ckpt else None
 
     writer = None
@@ -231,7 +231,7 @@ def train_loop(config: dict) -> None:
                   "confusion_matrix": json.dumps(metrics["confusion_matrix"])}
         if rank == 0:
             _progress(f"eval epoch={record['epoch']} step={state['global_step']} "
-                  f"loss={metrics['loss']:.4f} accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f}")
+                      f"loss={metrics['loss']:.4f} accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f}")
             if writer:
                 for k in ("loss", "accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro"):
                     writer.add_scalar(f"eval/{k}", metrics[k], state["global_step"])
@@ -278,7 +278,7 @@ def train_loop(config: dict) -> None:
                 rate = window_samples * world / max(elapsed, 1e-9)
                 lr = scheduler.get_last_lr()[0]
                 _progress(f"epoch={epoch + 1}/{t.epochs} step={state['global_step']}/{total_steps} "
-                      f"loss={loss_sum / loss_n:.4f} lr={lr:.2e} samples/s={rate:.1f}")
+                          f"loss={loss_sum / loss_n:.4f} lr={lr:.2e} samples/s={rate:.1f}")
                 if writer:
                     writer.add_scalar("train/loss", loss_sum / loss_n, state["global_step"])
                     writer.add_scalar("train/lr", lr, state["global_step"])
