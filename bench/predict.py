@@ -31,26 +31,20 @@ Prints a table and writes bench/results/predict.json (appending to docs/benchmar
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
+import os
+import platform
+import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
-# `python bench/predict.py` puts bench/ first on sys.path (and Ray copies it to its workers'); keep
-# the repo root there instead, so no bench script can ever shadow a library module.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-ROOT = _HERE.parent
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
