@@ -127,3 +127,38 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class AttentionSwitch:
+    """Per-batch choice of attention kernel on CPU: eager for narrow batches, SDPA for wide.
+
+    On CPU, eager attention beats SDPA's flash kernel on short rows and loses on long ones
+    (measured with MiniLM-L6 under bf16 autocast: inference ~8% faster end to end on SST-2
+    up to 64 tokens wide; training 4-13% faster per step at every width up to 128). The
+    kernel is looked up from the config at each forward, so switching costs nothing and
+    leaves the weights alone. Models that cannot switch keep their own implementation, and
+    ``max_eager_width=0`` (GPUs) keeps SDPA.
+    """
+
+    def __init__(self, model, max_eager_width: int):
+        self.model = getattr(model, "module", model)  # unwrap DDP
+        self.max_eager_width = max_eager_width
+        self.enabled = max_eager_width > 0 and self._can_switch()
+
+    def _can_switch(self) -> bool:
+        if getattr(self.model.config, "_attn_implementation", None) != "sdpa":
+            return False
+        try:
+            self.model.set_attn_implementation("eager")
+            ok = self.model.config._attn_implementation == "eager"
+            self.model.set_attn_implementation("sdpa")
+            return ok and self.model.config._attn_implementation == "sdpa"
+        except Exception:  # e.g. a remote-code model without an eager path
+            return False
+
+    def __call__(self, width: int) -> None:
+        if not self.enabled:
+            return
+        want = "eager" if width <= self.max_eager_width else "sdpa"
+        if self.model.config._attn_implementation != want:
+            self.model.set_attn_implementation(want)

@@ -91,7 +91,8 @@ PREDICT_BATCH_ROWS = 4096
 """Rows per predictor call: the window sorted by length, then cut into micro-batches."""
 TOKENIZE_BATCH_ROWS = 4096
 EAGER_ATTENTION_MAX_WIDTH = 64
-"""On CPU, micro-batches up to this many tokens wide use eager attention, wider ones SDPA."""
+"""On CPU, micro-batches up to this many tokens wide use eager attention, wider ones SDPA
+(measured; see :class:`bertray.modeling.AttentionSwitch`). On GPU, SDPA always."""
 SUCCESS_FILE = "_SUCCESS"
 METRICS_FILE = "_metrics.json"
 CONFUSION_PNG = "_confusion_matrix.png"
@@ -228,7 +229,7 @@ class Predictor:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from bertray.modeling import amp_dtype
+        from bertray.modeling import AttentionSwitch, amp_dtype
 
         if threads is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -239,7 +240,7 @@ class Predictor:
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, use_safetensors=True, dtype=torch.float32, trust_remote_code=trust_remote_code)
         self.model = model.to(self.device).eval()
-        self.attn_switch = self.device.type == "cpu" and self._can_switch_attention()
+        self.attention = AttentionSwitch(self.model, EAGER_ATTENTION_MAX_WIDTH if self.device.type == "cpu" else 0)
         self.dtype = amp_dtype(amp, self.device)
         id2label = {int(k): v for k, v in model.config.id2label.items()}
         self.names = pa.array([id2label[i] for i in range(len(id2label))], pa.string())
@@ -250,24 +251,6 @@ class Predictor:
         self.pad_multiple = 8 if use_gpu else 1
         self.top_k = min(top_k, len(id2label)) if top_k else None
         self.all_scores = all_scores
-
-    def _can_switch_attention(self) -> bool:
-        # On CPU, eager attention beats SDPA's flash kernel on short rows (~8% end to end on
-        # SST-2) and loses on long ones, so each micro-batch picks by its width.
-        if getattr(self.model.config, "_attn_implementation", None) != "sdpa":
-            return False
-        try:
-            self.model.set_attn_implementation("eager")
-            ok = self.model.config._attn_implementation == "eager"
-            self.model.set_attn_implementation("sdpa")
-            return ok and self.model.config._attn_implementation == "sdpa"
-        except Exception:  # a model that cannot switch keeps its own implementation
-            return False
-
-    def _attention_for(self, width: int) -> None:
-        want = "eager" if width <= EAGER_ATTENTION_MAX_WIDTH else "sdpa"
-        if self.model.config._attn_implementation != want:
-            self.model.set_attn_implementation(want)
 
     def probabilities(self, ids: pa.ListArray) -> np.ndarray:
         """Softmax probabilities ``(rows, labels)`` in the rows' own order."""
@@ -289,8 +272,7 @@ class Predictor:
             for start in range(0, n, self.batch_size):
                 stop = min(start + self.batch_size, n)
                 input_ids, mask = pad_flat(values, offsets[start:stop + 1], self.pad_id, self.pad_multiple)
-                if self.attn_switch:
-                    self._attention_for(input_ids.shape[1])
+                self.attention(input_ids.shape[1])
                 logits = self.model(input_ids=torch.from_numpy(input_ids).to(self.device, non_blocking=True),
                                     attention_mask=torch.from_numpy(mask).to(self.device, non_blocking=True)).logits
                 probs[order[start:stop]] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
