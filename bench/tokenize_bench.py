@@ -51,7 +51,7 @@ def run_bertray(files: list[str], max_length: int) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = DataConfig(num_tokenizer_actors=2, tokenizer_actor_cpus=0.75, length_bucketing=True)
     ds = tokenize_dataset(read_table(files[0].rsplit("/", 1)[0]), "default", max_length, label2id=None, cfg=cfg)
-    with PeakRSS(include_ray=True) as mem:
+    with PeakRSS() as mem:
         start = time.perf_counter()
         rows = sum(b.num_rows for b in ds.iter_batches(batch_size=4096, batch_format="pyarrow"))
         seconds = time.perf_counter() - start
@@ -67,7 +67,7 @@ def run_plain(files: list[str], max_length: int) -> dict:
     from bertray.modeling import load_tokenizer
 
     tok = load_tokenizer("default")
-    with tempfile.TemporaryDirectory() as cache, PeakRSS(include_ray=False) as mem:
+    with tempfile.TemporaryDirectory() as cache, PeakRSS() as mem:
         start = time.perf_counter()
         ds = datasets.Dataset.from_parquet(files, cache_dir=cache)
         ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=max_length), batched=True,

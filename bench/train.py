@@ -58,7 +58,7 @@ def run_trainer(rows: int, max_length: int, best: bool) -> dict:
         trainer = Trainer(model=model, args=args, train_dataset=encode(train), eval_dataset=encode(val),
                           data_collator=DataCollatorWithPadding(tok, pad_to_multiple_of=8) if best else None,
                           compute_metrics=lambda p: {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())})
-        with PeakRSS(include_ray=False) as mem:
+        with PeakRSS() as mem:
             start = time.perf_counter()
             metrics = trainer.train().metrics
             train_s = time.perf_counter() - start
@@ -78,7 +78,7 @@ def run_bertray(rows: int, max_length: int) -> dict:
                                                            "train.epochs=1", f"output_dir={out}", f"data.root={DATA}"])
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        with PeakRSS(include_ray=True) as mem:
+        with PeakRSS() as mem:
             start = time.perf_counter()
             result = run(cfg)
             wall = time.perf_counter() - start
