@@ -133,8 +133,8 @@ class AttentionSwitch:
     """Per-batch choice of attention kernel on CPU: eager for narrow batches, SDPA for wide.
 
     On CPU, eager attention beats SDPA's flash kernel on short rows and loses on long ones
-    (measured with MiniLM-L6 under bf16 autocast: inference ~8% faster end to end on SST-2
-    up to 64 tokens wide; training 4-13% faster per step at every width up to 128). The
+    (measured with MiniLM-L6 in bf16 on 2 cores: training 4-13% faster per step at every
+    width up to 128; inference up to 64 tokens wide 0-8% faster, depending on the run). The
     kernel is looked up from the config at each forward, so switching costs nothing and
     leaves the weights alone. Models that cannot switch keep their own implementation, and
     ``max_eager_width=0`` (GPUs) keeps SDPA.

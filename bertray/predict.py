@@ -25,8 +25,8 @@ Speed on CPU. Each predictor call takes a large batch (``PREDICT_BATCH_ROWS``), 
 rows by token length, runs micro-batches of ``batch_size`` rows padded only to their own
 longest row, with the weights in bf16 where ``amp`` says so (``auto``: when the CPU has
 AVX512-BF16/AMX; ``fp32`` keeps them in fp32), with eager attention for narrow
-micro-batches and SDPA for wide ones, and then restores the original row order. The model loads once per actor; torch gets the
-node's cores divided by the predictors.
+micro-batches and SDPA for wide ones, and then restores the original row order. The model
+loads once per actor; torch gets the node's cores divided by the predictors.
 
 Null and empty texts are still scored, so rows in = rows out: a null text reaches the
 tokenizer as ``""`` (the model sees ``[CLS] [SEP]``) but the text column is written back
