@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from bertray.modeling import AttentionSwitch, load_classifier, load_tokenizer
+from bertray.train import Prefetch, Timed
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return load_classifier("default", {"neg": 0, "pos": 1}, {0: "neg", 1: "pos"}, num_hidden_layers=2).eval()
+
+
+def test_attention_switch_picks_by_width_and_keeps_the_outputs(model):
+    tok = load_tokenizer("default")
+    short = tok(["a fine film", "dull and far too long for what it has to say"], padding=True, return_tensors="pt")
+    switch = AttentionSwitch(model, max_eager_width=8)
+    assert switch.enabled
+    with torch.inference_mode():
+        switch(8)
+        assert model.config._attn_implementation == "eager"
+        eager = model(**short).logits
+        switch(9)
+        assert model.config._attn_implementation == "sdpa"
+        sdpa = model(**short).logits
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_switch_off_keeps_sdpa(model):
+    model.set_attn_implementation("sdpa")
+    switch = AttentionSwitch(model, max_eager_width=0)  # what GPUs get
+    switch(4)
+    assert not switch.enabled and model.config._attn_implementation == "sdpa"
+
+
+def test_prefetch_yields_every_item_in_order_and_reraises_in_the_consumer():
+    assert list(Prefetch(iter(range(5)))) == [0, 1, 2, 3, 4]
+    assert list(Prefetch(iter([]))) == []
+
+    def broken():
+        yield 1
+        raise ValueError("bad block in part-3.parquet")
+
+    with pytest.raises(ValueError, match="part-3"):
+        list(Prefetch(broken()))
+
+    def broken_at_start():
+        raise OSError("no such file")
+        yield  # pragma: no cover
+
+    with pytest.raises(OSError, match="no such file"):
+        list(Prefetch(broken_at_start()))
+
+
+def test_timed_counts_only_the_wait_for_items():
+    import time
+
+    def slow():
+        time.sleep(0.2)
+        yield 1
+
+    timed = Timed(slow())
+    assert list(timed) == [1]
+    assert 0.2 <= timed.seconds < 1.0
