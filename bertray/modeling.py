@@ -136,14 +136,14 @@ class AttentionSwitch:
     (measured with MiniLM-L6 in bf16 on 2 cores: training 4-13% faster per step at every
     width up to 128; inference up to 64 tokens wide 0-8% faster, depending on the run). The
     kernel is looked up from the config at each forward, so switching costs nothing and
-    leaves the weights alone. Models that cannot switch keep their own implementation, and
-    ``max_eager_width=0`` (GPUs) keeps SDPA.
+    leaves the weights alone. Models on a GPU keep SDPA, and models that cannot switch keep
+    their own implementation.
     """
 
     def __init__(self, model, max_eager_width: int):
         self.model = getattr(model, "module", model)  # unwrap DDP
         self.max_eager_width = max_eager_width
-        self.enabled = max_eager_width > 0 and self._can_switch()
+        self.enabled = self.model.device.type == "cpu" and self._can_switch()
 
     def _can_switch(self) -> bool:
         if getattr(self.model.config, "_attn_implementation", None) != "sdpa":

@@ -230,6 +230,7 @@ class Predictor:
         from transformers import AutoModelForSequenceClassification
 
         from bertray.modeling import AttentionSwitch, amp_dtype
+        from bertray.tokenization import pad_multiple
 
         if threads is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -244,14 +245,13 @@ class Predictor:
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, use_safetensors=True, dtype=dtype, trust_remote_code=trust_remote_code)
         self.model = model.to(self.device).eval()
-        self.attention = AttentionSwitch(self.model, EAGER_ATTENTION_MAX_WIDTH if self.device.type == "cpu" else 0)
+        self.attention = AttentionSwitch(self.model, EAGER_ATTENTION_MAX_WIDTH)
         id2label = {int(k): v for k, v in model.config.id2label.items()}
         self.names = pa.array([id2label[i] for i in range(len(id2label))], pa.string())
         self.batch_size = batch_size
         self.pad_id = pad_id
-        # Rows are length-sorted, so a micro-batch's rows are nearly equal in length. Rounding the
-        # width up to 8 helps GPU kernels; on CPU it only adds work (~25% on SST-2's short rows).
-        self.pad_multiple = 8 if use_gpu else 1
+        # Rows are length-sorted, so a micro-batch's rows are nearly equal in length anyway.
+        self.pad_multiple = pad_multiple(self.device.type)
         self.top_k = min(top_k, len(id2label)) if top_k else None
         self.all_scores = all_scores
 

