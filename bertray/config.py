@@ -59,9 +59,10 @@ class DataConfig:
     """Use only the first N training rows (quick runs, tests)."""
     max_validation_rows: int | None = None
     length_bucketing: bool = True
-    """Sort rows by length inside each tokenization chunk so a batch holds similar lengths."""
+    """Training batches hold rows of similar length (less padding): each shuffle pool
+    (``train.shuffle_buffer_rows``) is sorted by length, ties at random, before it is cut into batches."""
     tokenize_batch_size: int = 2048
-    """Rows per tokenizer call inside a Ray Data actor (also the bucketing window)."""
+    """Rows per tokenizer call inside a Ray Data actor."""
     num_tokenizer_actors: int = 1
     tokenizer_actor_cpus: float = 0.5
     """CPUs each tokenizer actor reserves. Fractional so it fits beside the training workers."""
@@ -102,7 +103,11 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     """Stop after this many epochs without improvement of ``checkpoint.metric``."""
     shuffle_buffer_rows: int = 2048
-    """Local shuffle buffer for training batches (0 turns shuffling off)."""
+    """Training rows are shuffled within pools of this many rows, differently every epoch
+    (0: data order, no shuffling or length bucketing)."""
+    layer_lr_decay: float = 1.0
+    """Layer-wise learning-rate decay: the head trains at ``lr``, the top encoder layer at
+    ``lr * d``, the next at ``lr * d**2`` ... down to the embeddings. 1.0 turns it off."""
 
 
 @dataclass(frozen=True)
@@ -428,6 +433,8 @@ def validate(cfg) -> list[str]:
     _positive(p, "train.max_grad_norm", t.max_grad_norm, allow_none=True)
     _positive(p, "train.log_every_n_steps", t.log_every_n_steps)
     _positive(p, "train.early_stopping_patience", t.early_stopping_patience, allow_none=True)
+    if not 0 < t.layer_lr_decay <= 1:
+        p.append(f"train.layer_lr_decay={t.layer_lr_decay} must be in (0, 1] (1 turns it off)")
     if t.shuffle_buffer_rows < 0:
         p.append(f"train.shuffle_buffer_rows={t.shuffle_buffer_rows} must be >= 0")
     if isinstance(t.class_weights, str) and t.class_weights != "balanced":

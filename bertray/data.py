@@ -23,7 +23,7 @@ from ray.data import ActorPoolStrategy
 
 from bertray.config import DataConfig
 from bertray.labels import build_label_map, encode_labels
-from bertray.tokenization import encode_flat, length_order
+from bertray.tokenization import encode_flat
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class Tokenize:
     """Ray Data callable class: the fast tokenizer loads once per actor, not per batch."""
 
     def __init__(self, model_name: str, max_length: int, label2id: dict[str, int] | None,
-                 bucketing: bool, text_column: str = "text", label_column: str = "label",
+                 text_column: str = "text", label_column: str = "label",
                  truncation: str = "head", trust_remote_code: bool = False, keep_columns: bool = False):
         from bertray.modeling import load_fast_tokenizer
 
@@ -260,7 +260,6 @@ class Tokenize:
         self.tokenizer = load_fast_tokenizer(model_name, trust_remote_code)
         self.max_length = max_length
         self.label2id = label2id
-        self.bucketing = bucketing
         self.truncation = truncation
         self.keep_columns = keep_columns
         self.text_column = text_column
@@ -276,8 +275,6 @@ class Tokenize:
         if self.keep_columns:
             for name in batch.column_names:
                 out = out.append_column(name, batch.column(name))
-        if self.bucketing:
-            out = out.take(pa.array(length_order(np.diff(offsets))))
         return out
 
 
@@ -286,7 +283,7 @@ def tokenize_dataset(ds: ray.data.Dataset, model_name: str, max_length: int, lab
     return ds.map_batches(
         Tokenize,
         fn_constructor_kwargs={"model_name": model_name, "max_length": max_length, "label2id": label2id,
-                               "bucketing": cfg.length_bucketing, "truncation": truncation,
+                               "truncation": truncation,
                                "text_column": cfg.text_column, "label_column": cfg.label_column,
                                "trust_remote_code": trust_remote_code},
         batch_format="pyarrow",

@@ -501,7 +501,7 @@ def build_predictions(cfg: PredictConfig, plan: _Plan, ds=None):
     ds = ds.map_batches(
         PredictTokenize,
         fn_constructor_kwargs={"model_name": plan.model_path, "max_length": cfg.max_length, "label2id": None,
-                               "bucketing": False, "text_column": cfg.text_column,
+                               "text_column": cfg.text_column,
                                "truncation": cfg.truncation, "trust_remote_code": cfg.model.trust_remote_code,
                                "keep_columns": True},
         batch_format="pyarrow", batch_size=TOKENIZE_BATCH_ROWS,

@@ -64,9 +64,11 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, truncation: str =
     return [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
-def length_order(lengths: np.ndarray) -> np.ndarray:
-    """Stable order that groups rows of similar length (for bucketing)."""
-    return np.argsort(lengths, kind="stable")
+def length_order(lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An order that groups rows of similar length (for bucketing), rows of equal length in
+    random order: the batches cut from it hold similar lengths yet change from epoch to epoch."""
+    shuffled = rng.permutation(len(lengths))
+    return shuffled[np.argsort(lengths[shuffled], kind="stable")]
 
 
 def pad_flat(values: np.ndarray, offsets: np.ndarray, pad_id: int, multiple: int = PAD_MULTIPLE

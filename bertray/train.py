@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import re
 import tempfile
 import threading
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.train
 import torch
@@ -83,26 +85,34 @@ def collate(table: pa.Table, pad_id: int, device: torch.device) -> dict[str, tor
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def iterate(shard, batch_size: int, shuffle_rows: int, bucketing: bool, seed: int):
-    """Batches (Arrow tables, unpadded) from a Ray Data shard; :func:`collate` pads them.
+def iterate(shard, batch_size: int, pool_rows: int, bucketing: bool, seed: int):
+    """Batches (Arrow tables, unpadded; :func:`collate` pads them) from a Ray Data shard.
 
-    With length bucketing, rows arrive sorted by length within each tokenizer chunk, so
-    shuffling rows would undo it: whole batches are shuffled in a window instead.
+    Rows are shuffled within pools of ``pool_rows`` rows (whole batches) drawn with ``seed``,
+    which the caller changes every epoch. With ``bucketing``, each pool is then sorted by
+    length (ties in shuffled order), cut into batches, and the batches come in random order:
+    Hugging Face's ``group_by_length``, streamed. So a batch holds rows of similar length
+    (little padding), and which rows share a batch changes from epoch to epoch.
+    ``pool_rows=0``: batches in data order (evaluation).
     """
-    local_shuffle = None if (bucketing or not shuffle_rows) else shuffle_rows
-    it = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=4,
-                            local_shuffle_buffer_size=local_shuffle, local_shuffle_seed=seed if local_shuffle else None)
-    if not (bucketing and shuffle_rows):
-        yield from it
+    from bertray.tokenization import length_order
+
+    if not pool_rows:
+        yield from shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=4)
         return
-    rng = random.Random(seed)
-    window, size = [], max(2, shuffle_rows // batch_size)
-    for table in it:
-        window.append(table)
-        if len(window) >= size:
-            yield window.pop(rng.randrange(len(window)))
-    rng.shuffle(window)
-    yield from window
+    pool_rows = max(1, pool_rows // batch_size) * batch_size
+    rng = np.random.default_rng(seed)
+    for pool in shard.iter_batches(batch_size=pool_rows, batch_format="pyarrow", prefetch_batches=2):
+        if bucketing:
+            order = length_order(pc.list_value_length(pool.column("input_ids")).to_numpy(), rng)
+        else:
+            order = rng.permutation(pool.num_rows)
+        pool = pool.take(pa.array(order))
+        starts = np.arange(0, pool.num_rows, batch_size)
+        if bucketing:
+            rng.shuffle(starts)
+        for start in starts:
+            yield pool.slice(start, batch_size)
 
 
 class Prefetch:
@@ -157,14 +167,29 @@ class Timed:
 # ----------------------------------------------------------------------------- worker
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
-    # No weight decay on biases and LayerNorm weights (as in BERT's original recipe).
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+_LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")  # encoder.layer.3. (BERT), transformer.layer.3., layers.3.
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float, layer_lr_decay: float = 1.0):
+    """AdamW parameter groups.
+
+    No weight decay on biases and LayerNorm weights (BERT's original recipe). With
+    ``layer_lr_decay`` < 1, a parameter's lr is ``lr * layer_lr_decay ** k``, k its distance
+    from the head (embeddings farthest): the pretrained lower layers move less than the top.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    indices = [int(m.group(1)) for name, _ in named if (m := _LAYER_INDEX.search(name))]
+    head = max(indices) + 2 if indices else 1  # depth: embeddings 0, layer i at i + 1, head (pooler, classifier)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in named:
+        m = _LAYER_INDEX.search(name)
+        depth = int(m.group(1)) + 1 if m else (0 if "embeddings" in name else head)
+        no_decay = p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias")
+        group = groups.setdefault((depth if layer_lr_decay < 1 else head, no_decay), {
+            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr": lr * layer_lr_decay ** (head - depth) if layer_lr_decay < 1 else lr})
+        group["params"].append(p)
+    return list(groups.values())
 
 
 def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -253,7 +278,7 @@ def train_loop(config: dict) -> None:
     # The fused kernel does the whole update in one pass over the weights: on 2 CPUs it cut
     # the optimizer step from ~80 ms to ~25 ms for MiniLM (a quarter of a step's time).
     # Trainer's default is the same (adamw_torch_fused).
-    optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr,
+    optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay, t.lr, t.layer_lr_decay), lr=t.lr,
                                   fused=device.type in ("cpu", "cuda"))
     attention = AttentionSwitch(model, TRAIN_EAGER_ATTENTION_MAX_WIDTH)
     rows_per_worker = math.ceil(config["train_rows"] / world)
@@ -349,7 +374,7 @@ def train_loop(config: dict) -> None:
             if state["global_step"] % t.log_every_n_steps == 0 and rank == 0:
                 elapsed = time.perf_counter() - window_start
                 rate = window_samples * world / max(elapsed, 1e-9)
-                lr = scheduler.get_last_lr()[0]
+                lr = max(scheduler.get_last_lr())  # the head's lr (lower layers are lower with layer_lr_decay)
                 # data_wait: the share of the window spent waiting for input batches; well above
                 # a few percent means the data pipeline, not the model, sets the pace.
                 wait = (batches.seconds - window_wait) / max(elapsed, 1e-9)

@@ -117,14 +117,30 @@ def test_split_is_deterministic_disjoint_and_stratified(data_root):
     assert key(_rows(c.validation)) != key(va)
 
 
-def test_length_bucketing_groups_similar_lengths(data_root):
-    cfg = DataConfig(train=str(data_root / "sst2" / "validation.parquet"), validation=str(data_root / "sst2" / "validation.parquet"),
-                     tokenize_batch_size=256)
-    lengths = [len(x) for x in _rows(prepare(cfg, "default", 128, seed=0).train)["input_ids"]]
-    assert lengths[:256] == sorted(lengths[:256])
-    off = DataConfig(**{**cfg.__dict__, "length_bucketing": False})
-    lengths_off = [len(x) for x in _rows(prepare(off, "default", 128, seed=0).train)["input_ids"]]
-    assert lengths_off[:256] != sorted(lengths_off[:256]) and sorted(lengths_off) == sorted(lengths)
+def test_training_batches_bucket_by_length_and_change_every_epoch(data_root):
+    from bertray.train import iterate
+
+    cfg = DataConfig(train=str(data_root / "sst2" / "validation.parquet"), validation=str(data_root / "sst2" / "validation.parquet"))
+    ds = prepare(cfg, "default", 128, seed=0).train
+
+    def batches(pool_rows, bucketing, seed):
+        return [[tuple(ids) for ids in b.column("input_ids").to_pylist()] for b in iterate(ds, 16, pool_rows, bucketing, seed)]
+
+    def padding(bs):  # padded positions / real tokens
+        return sum(len(b) * max(map(len, b)) - sum(map(len, b)) for b in bs) / sum(len(r) for b in bs for r in b)
+
+    in_order = batches(0, False, 0)
+    rows = sorted(r for b in in_order for r in b)
+    epoch1, epoch2 = batches(256, True, 1), batches(256, True, 2)
+    shuffled = batches(256, False, 1)
+    for bs in (epoch1, epoch2, shuffled):
+        assert sorted(r for b in bs for r in b) == rows  # every row exactly once
+        assert max(map(len, bs)) == 16
+    assert padding(epoch1) < padding(shuffled) / 4  # bucketed: similar lengths share a batch
+    # Another epoch: other batches (rows and order), not the same batches reordered.
+    assert {frozenset(b) for b in epoch1} != {frozenset(b) for b in epoch2}
+    assert epoch1 == batches(256, True, 1)  # the same seed gives the same batches (resume skips them)
+    assert shuffled != in_order and [len(b) for b in in_order] == [len(b) for b in shuffled]
 
 
 def test_hugging_face_dataset_on_disk(tmp_path, trec):

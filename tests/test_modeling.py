@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bertray.modeling import AttentionSwitch, load_classifier, load_tokenizer
-from bertray.train import Prefetch, Timed
+from bertray.train import Prefetch, Timed, _param_groups
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,19 @@ def test_timed_counts_only_the_wait_for_items():
     timed = Timed(slow())
     assert list(timed) == [1]
     assert 0.2 <= timed.seconds < 1.0
+
+
+def test_layer_lr_decay_scales_each_layer_from_the_head_down(model):
+    groups = _param_groups(model, 0.01, 1e-4, 0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert sorted(map(id, model.parameters())) == sorted(lr_of)  # every parameter exactly once
+    params = dict(model.named_parameters())
+    lr = lambda name: lr_of[id(params[name])]  # noqa: E731
+    assert lr("classifier.weight") == lr("bert.pooler.dense.weight") == 1e-4
+    assert lr("bert.encoder.layer.1.output.dense.weight") == pytest.approx(0.5e-4)  # top of 2 layers
+    assert lr("bert.encoder.layer.0.attention.self.query.weight") == pytest.approx(0.25e-4)
+    assert lr("bert.embeddings.word_embeddings.weight") == pytest.approx(0.125e-4)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(params["bert.encoder.layer.0.output.LayerNorm.weight"]) in no_decay
+    assert id(params["bert.encoder.layer.0.output.dense.weight"]) not in no_decay
+    assert {g["lr"] for g in _param_groups(model, 0.01, 1e-4)} == {1e-4}  # 1.0: off
