@@ -184,10 +184,11 @@ def _param_groups(model: torch.nn.Module, weight_decay: float, lr: float, layer_
     for name, p in named:
         m = _LAYER_INDEX.search(name)
         depth = int(m.group(1)) + 1 if m else (0 if "embeddings" in name else head)
+        if layer_lr_decay == 1:
+            depth = head  # one lr for all: two groups (decay / no decay), as without the option
         no_decay = p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias")
-        group = groups.setdefault((depth if layer_lr_decay < 1 else head, no_decay), {
-            "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-            "lr": lr * layer_lr_decay ** (head - depth) if layer_lr_decay < 1 else lr})
+        group = groups.setdefault((depth, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                      "lr": lr * layer_lr_decay ** (head - depth)})
         group["params"].append(p)
     return list(groups.values())
 
