@@ -81,7 +81,7 @@ def collate(table: pa.Table, pad_id: int, device: torch.device) -> dict[str, tor
                                          pad_multiple(device.type))
     batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
     if "labels" in table.column_names:
-        batch["labels"] = torch.from_numpy(table.column("labels").to_numpy())
+        batch["labels"] = torch.tensor(table.column("labels").to_numpy())  # a copy: Arrow's buffers are read-only
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -120,7 +120,8 @@ class Prefetch:
 
     A training worker's data pipeline needs ~3 s to deliver its first batch (a tokenizer
     actor process starts, the first block is read and tokenized); started before the model
-    loads, that start-up overlaps the model load instead of following it.
+    loads, or before the previous epoch's evaluation, that start-up overlaps other work
+    instead of following it.
     """
 
     def __init__(self, iterable):
@@ -264,9 +265,9 @@ def train_loop(config: dict) -> None:
         return iterate(train_shard, t.batch_size, t.shuffle_buffer_rows, cfg.data.length_bucketing,
                        t.seed * 1000 + epoch)
 
-    # A fresh run starts epoch 0's data pipeline now, so its start-up overlaps the model load.
-    # (A resumed run learns its epoch from the checkpoint, after the model exists.)
-    first_epoch = Prefetch(epoch_tables(0)) if ray.train.get_checkpoint() is None else None
+    # The next epoch's data pipeline, already started. A fresh run starts epoch 0's now, so its
+    # start-up overlaps the model load (a resumed run learns its epoch from the checkpoint).
+    next_epoch = Prefetch(epoch_tables(0)) if ray.train.get_checkpoint() is None else None
 
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     torch.manual_seed(t.seed)  # the same head initialisation on every rank
@@ -343,11 +344,14 @@ def train_loop(config: dict) -> None:
         epoch = state["epoch"]
         skip = state["step_in_epoch"] * t.grad_accum_steps  # micro-batches already trained this epoch
         model.train()
-        loss_sum, loss_n, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+        # The running loss stays on the device: a .item() per step would make a GPU wait for
+        # every step to finish before the next is queued; it is read only when logged.
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        loss_n, window_samples, window_start = 0, 0, time.perf_counter()
         epoch_samples, epoch_start = 0, time.perf_counter()
         micro = 0
-        batches = Timed(first_epoch or epoch_tables(epoch))
-        first_epoch = None
+        batches = Timed(next_epoch or epoch_tables(epoch))
+        next_epoch = None
         window_wait = 0.0
         for table in batches:
             micro += 1
@@ -363,7 +367,7 @@ def train_loop(config: dict) -> None:
                     logits = model(**batch).logits
                 loss = F.cross_entropy(logits.float(), labels, weight=weight)
                 (scaler.scale(loss / t.grad_accum_steps) if scaler else loss / t.grad_accum_steps).backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
             loss_n += 1
             window_samples += len(labels)
             epoch_samples += len(labels)
@@ -373,6 +377,7 @@ def train_loop(config: dict) -> None:
             state["global_step"] += 1
             state["step_in_epoch"] += 1
             if state["global_step"] % t.log_every_n_steps == 0 and rank == 0:
+                mean_loss = loss_sum.item() / loss_n  # first: it waits for queued GPU work, so the rate is true
                 elapsed = time.perf_counter() - window_start
                 rate = window_samples * world / max(elapsed, 1e-9)
                 lr = max(scheduler.get_last_lr())  # the head's lr (lower layers are lower with layer_lr_decay)
@@ -380,20 +385,25 @@ def train_loop(config: dict) -> None:
                 # a few percent means the data pipeline, not the model, sets the pace.
                 wait = (batches.seconds - window_wait) / max(elapsed, 1e-9)
                 _progress(f"epoch={epoch + 1}/{t.epochs} step={state['global_step']}/{total_steps} "
-                          f"loss={loss_sum / loss_n:.4f} lr={lr:.2e} samples/s={rate:.1f} data_wait={wait:.0%}")
+                          f"loss={mean_loss:.4f} lr={lr:.2e} samples/s={rate:.1f} data_wait={wait:.0%}")
                 if writer:
-                    writer.add_scalar("train/loss", loss_sum / loss_n, state["global_step"])
+                    writer.add_scalar("train/loss", mean_loss, state["global_step"])
                     writer.add_scalar("train/lr", lr, state["global_step"])
                     writer.add_scalar("train/samples_per_s", rate, state["global_step"])
                 window_samples, window_start, window_wait = 0, time.perf_counter(), batches.seconds
             every = cfg.checkpoint.every_n_steps
             if every and state["global_step"] % every == 0:
-                checkpoint_and_report(False, loss_sum / max(loss_n, 1), 0.0)
+                checkpoint_and_report(False, loss_sum.item() / max(loss_n, 1), 0.0)
         if micro % t.grad_accum_steps:  # flush a partial accumulation at the end of the epoch
             _optimizer_step(model, optimizer, scheduler, scaler, t.max_grad_norm)
             state["global_step"] += 1
+        mean_loss = loss_sum.item() / max(loss_n, 1)
         rate = epoch_samples * world / max(time.perf_counter() - epoch_start, 1e-9)
-        checkpoint_and_report(True, loss_sum / max(loss_n, 1), rate)
+        if epoch + 1 < t.epochs:
+            # Each epoch's pipeline starts afresh (a tokenizer actor, the first block): ~5 s in
+            # which a GPU waited. Started here, that overlaps the evaluation and checkpoint.
+            next_epoch = Prefetch(epoch_tables(epoch + 1))
+        checkpoint_and_report(True, mean_loss, rate)
         patience = t.early_stopping_patience
         if patience and state["stale_epochs"] >= patience and state["epoch"] < t.epochs:
             state["stopped_early"] = True
