@@ -90,9 +90,6 @@ log = logging.getLogger(__name__)
 PREDICT_BATCH_ROWS = 4096
 """Rows per predictor call: the window sorted by length, then cut into micro-batches."""
 TOKENIZE_BATCH_ROWS = 4096
-EAGER_ATTENTION_MAX_WIDTH = 64
-"""On CPU, micro-batches up to this many tokens wide use eager attention, wider ones SDPA
-(measured; see :class:`bertray.modeling.AttentionSwitch`). On GPU, SDPA always."""
 SUCCESS_FILE = "_SUCCESS"
 METRICS_FILE = "_metrics.json"
 CONFUSION_PNG = "_confusion_matrix.png"
@@ -229,7 +226,7 @@ class Predictor:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from bertray.modeling import AttentionSwitch, amp_dtype
+        from bertray.modeling import INFERENCE_EAGER_MAX_WIDTH, AttentionSwitch, amp_dtype
         from bertray.tokenization import pad_multiple
 
         if threads is None:
@@ -245,7 +242,7 @@ class Predictor:
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, use_safetensors=True, dtype=dtype, trust_remote_code=trust_remote_code)
         self.model = model.to(self.device).eval()
-        self.attention = AttentionSwitch(self.model, EAGER_ATTENTION_MAX_WIDTH)
+        self.attention = AttentionSwitch(self.model, INFERENCE_EAGER_MAX_WIDTH)
         id2label = {int(k): v for k, v in model.config.id2label.items()}
         self.names = pa.array([id2label[i] for i in range(len(id2label))], pa.string())
         self.batch_size = batch_size

@@ -38,7 +38,13 @@ from bertray.checkpoint import export_model, load_checkpoint, save_checkpoint
 from bertray.config import RunConfig, config_from_dict, to_dict
 from bertray.labels import class_weights as balanced_weights
 from bertray.metrics import classification_metrics, confusion_matrix
-from bertray.modeling import AttentionSwitch, amp_dtype, load_classifier, load_tokenizer
+from bertray.modeling import (
+    INFERENCE_EAGER_MAX_WIDTH,
+    AttentionSwitch,
+    amp_dtype,
+    load_classifier,
+    load_tokenizer,
+)
 from bertray.schedules import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -204,6 +210,7 @@ def evaluate(model, shard, cfg: RunConfig, pad_id: int, device, dtype, id2label,
              weight=None) -> dict:
     """Metrics over the whole validation set: confusion matrices and loss sums are
     all-reduced across workers, then turned into metrics once."""
+    attention = AttentionSwitch(model, INFERENCE_EAGER_MAX_WIDTH)  # inference's kernel choice, not training's
     num_labels = len(id2label)
     cm = np.zeros((num_labels, num_labels), dtype=np.int64)
     loss_sum = 0.0
@@ -214,6 +221,7 @@ def evaluate(model, shard, cfg: RunConfig, pad_id: int, device, dtype, id2label,
                 continue  # another worker scores this batch
             batch = collate(table, pad_id, device)
             labels = batch.pop("labels")
+            attention(batch["input_ids"].shape[1])
             with _autocast(device, dtype):
                 logits = model(**batch).logits.float()
             loss_sum += F.cross_entropy(logits, labels, weight=weight, reduction="sum").item()
