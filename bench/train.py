@@ -14,8 +14,8 @@ bench/results/train.json (with --gpu: train_gpu.json). Needs `pip install -e ".[
 (accelerate, for Trainer).
 
 With --gpu every way trains on the GPU, the best Trainer and bertray in bf16; Trainer at its
-best then also pads to a multiple of 8 (tensor cores) and loads batches in 2 worker processes. --model takes any HF id or model directory (default:
-the pip-shipped MiniLM).
+best then also pads to a multiple of 8 (tensor cores) and loads batches in 2 worker processes.
+--model takes any HF id or model directory (default: the pip-shipped MiniLM).
 """
 
 from __future__ import annotations

@@ -207,10 +207,10 @@ def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def evaluate(model, shard, cfg: RunConfig, pad_id: int, device, dtype, id2label, rank: int, world: int,
-             weight=None) -> dict:
+             attention: AttentionSwitch, weight=None) -> dict:
     """Metrics over the whole validation set: confusion matrices and loss sums are
-    all-reduced across workers, then turned into metrics once."""
-    attention = AttentionSwitch(model, INFERENCE_EAGER_MAX_WIDTH)  # inference's kernel choice, not training's
+    all-reduced across workers, then turned into metrics once. ``attention`` picks the
+    kernel per batch (inference's threshold, not training's)."""
     num_labels = len(id2label)
     cm = np.zeros((num_labels, num_labels), dtype=np.int64)
     loss_sum = 0.0
@@ -291,6 +291,7 @@ def train_loop(config: dict) -> None:
     optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay, t.lr, t.layer_lr_decay), lr=t.lr,
                                   fused=device.type in ("cpu", "cuda"))
     attention = AttentionSwitch(model, TRAIN_EAGER_ATTENTION_MAX_WIDTH)
+    eval_attention = AttentionSwitch(model, INFERENCE_EAGER_MAX_WIDTH)
     rows_per_worker = math.ceil(config["train_rows"] / world)
     steps_per_epoch = max(1, math.ceil(math.ceil(rows_per_worker / t.batch_size) / t.grad_accum_steps))
     total_steps = steps_per_epoch * t.epochs
@@ -319,7 +320,7 @@ def train_loop(config: dict) -> None:
     metric = cfg.checkpoint.metric
 
     def checkpoint_and_report(epoch_done: bool, train_loss: float, samples_per_s: float) -> dict:
-        metrics = evaluate(model, val_shard, cfg, pad_id, device, dtype, id2label, rank, world, weight)
+        metrics = evaluate(model, val_shard, cfg, pad_id, device, dtype, id2label, rank, world, eval_attention, weight)
         record = {"epoch": state["epoch"] + (1 if epoch_done else 0), "global_step": state["global_step"],
                   "train_loss": train_loss, "train_samples_per_s": samples_per_s, "restores": state["restores"],
                   "resumed_at_epoch": resumed_at[0] if resumed_at else None,
