@@ -37,6 +37,7 @@ from bertray import data as bdata
 from bertray.checkpoint import export_model, load_checkpoint, save_checkpoint
 from bertray.config import RunConfig, config_from_dict, to_dict
 from bertray.labels import class_weights as balanced_weights
+from bertray.memory import keep_freed_memory
 from bertray.metrics import classification_metrics, confusion_matrix
 from bertray.modeling import (
     INFERENCE_EAGER_MAX_WIDTH,
@@ -263,6 +264,8 @@ def train_loop(config: dict) -> None:
     _seed_everything(t.seed + rank)
     device = ray.train.torch.get_device()
     dtype = amp_dtype(t.amp, device)
+    if device.type == "cpu" and s.keep_freed_memory:
+        keep_freed_memory()  # reuse the embedding gradient's block every step instead of faulting it in anew
     _progress(f"worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]}: "
               f"device={device} amp={dtype or 'fp32'} threads={threads}")
 
