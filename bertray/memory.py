@@ -4,9 +4,10 @@ A CPU training step frees and allocates the same large buffers every step. The b
 the word-embedding gradient: a dense (vocab x hidden) fp32 tensor, 47 MB for MiniLM
 (30,522 x 384). glibc's malloc serves a block that large with ``mmap`` and unmaps it when it
 is freed, so every step the kernel faults in and zeroes ~12,000 fresh pages. Without that,
-MiniLM steps on 2 CPUs ran 10-14% faster, alternated within one process (docs/benchmarks.md:
-between separate bench processes the gain is lost in the machine's noise). PyTorch's CPU performance guides fix this by preloading jemalloc or tcmalloc;
-:func:`keep_freed_memory` gets the same reuse from glibc itself, with no extra library.
+MiniLM steps on 2 CPUs ran 10-14% faster, alternated within one process (docs/benchmarks.md;
+between separate bench processes the gain is lost in the machine's noise). PyTorch's CPU
+performance guides fix this by preloading jemalloc or tcmalloc; :func:`keep_freed_memory`
+gets the same reuse from glibc itself, with no extra library.
 """
 
 from __future__ import annotations
