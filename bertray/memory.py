@@ -40,7 +40,7 @@ def keep_freed_memory() -> bool:
     """
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl and macOS have mallopt with other numbers
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only: the parameter numbers above are glibc's
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
