@@ -101,22 +101,33 @@ def _read_hf(path: str, split: str | None) -> ray.data.Dataset:
 
 
 def read_table(path: str, fmt: str = "auto", columns: list[str] | None = None, include_paths: bool = False,
-               hf_split: str | None = None) -> ray.data.Dataset:
-    """A Ray Dataset over Parquet/CSV/JSONL at ``path`` (or a Hugging Face dataset)."""
+               hf_split: str | None = None, files: list[str] | None = None) -> ray.data.Dataset:
+    """A Ray Dataset over Parquet/CSV/JSONL at ``path`` (or a Hugging Face dataset).
+
+    ``files``: ``expand_paths(path)`` when the caller has it already; on an object store each
+    listing is a round trip per directory level, so a caller that reads a path several times
+    lists it once.
+    """
     if _is_hf_dataset(path):
         ds = _read_hf(path, hf_split)
         if include_paths:
             ds = ds.add_column("path", lambda b: pd.Series([path] * len(b)), batch_format="pandas")
         return ds
-    files = expand_paths(path)
+    files = files or expand_paths(path)
     fmt = detect_format(files, fmt)
     if fmt == "parquet":
         # Ray 2.60's DataSourceV2 Parquet path adds a ListFiles task that always asks for a
         # whole CPU; beside training workers on a small machine it never schedules and
         # ingest stalls at 0 rows. We list files ourselves, so the V1 reader (whose tasks
-        # take TASK_CPUS) loses nothing.
-        ray.data.DataContext.get_current().use_datasource_v2 = False
-        return ray.data.read_parquet(files, columns=columns, include_paths=include_paths, num_cpus=TASK_CPUS)
+        # take TASK_CPUS) loses nothing. read_parquet picks the reader when it is called and
+        # the Dataset keeps its own copy of the context, so the switch is undone right after:
+        # the caller's other reads keep their DataContext as it was.
+        ctx = ray.data.DataContext.get_current()
+        before, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+        try:
+            return ray.data.read_parquet(files, columns=columns, include_paths=include_paths, num_cpus=TASK_CPUS)
+        finally:
+            ctx.use_datasource_v2 = before
     if fmt == "csv":
         return ray.data.read_csv(files, include_paths=include_paths, num_cpus=TASK_CPUS)
     return ray.data.read_json(files, lines=True, include_paths=include_paths, num_cpus=TASK_CPUS)
@@ -312,11 +323,13 @@ def _load_labelled(path: str, cfg: DataConfig, role: str, holdout=None) -> tuple
     cols = [cfg.text_column, cfg.label_column]
     limit = cfg.max_train_rows if role == "train" else cfg.max_validation_rows
 
+    files = None if _is_hf_dataset(path) else expand_paths(path)  # listed once for the three reads below
+
     def read(include_paths: bool) -> ray.data.Dataset:
-        ds = read_table(path, cfg.format, columns=cols, include_paths=include_paths, hf_split=role)
+        ds = read_table(path, cfg.format, columns=cols, include_paths=include_paths, hf_split=role, files=files)
         return ds.limit(limit) if limit else ds
 
-    check_columns(read_table(path, cfg.format, hf_split=role), path,
+    check_columns(read_table(path, cfg.format, hf_split=role, files=files), path,
                   {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column})
     report = scan(read(include_paths=True), cfg.text_column, cfg.label_column, holdout)
     if report.bad and not cfg.drop_bad_rows:

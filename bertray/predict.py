@@ -491,7 +491,7 @@ def build_predictions(cfg: PredictConfig, plan: _Plan, ds=None):
     from ray.data import ActorPoolStrategy
 
     if ds is None:
-        ds = read_table(cfg.input)
+        ds = read_table(cfg.input, files=plan.files)
         check_input(ds, cfg)
     opts = ds.context.execution_options
     opts.preserve_order = True  # ds.context is this read's own copy of the DataContext
@@ -596,7 +596,7 @@ def run(cfg: PredictConfig) -> dict:
     if stats["rows"] != rows_in:
         raise RuntimeError(f"{cfg.input}: Parquet footers say {rows_in} rows but reading gives {stats['rows']}; "
                            "the input changed during the run")
-    source = read_table(cfg.input)
+    source = read_table(cfg.input, files=plan.files)  # the files whose footers gave rows_in, not a new listing
     check_input(source, cfg)
     predictions = build_predictions(cfg, plan, source)
     print(f"[bertray] predicting {rows_in} rows from {len(plan.files)} file(s) with {plan.model_path} "

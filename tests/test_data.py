@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 import pytest
+import ray.data
 
 from bertray.config import DataConfig
 from bertray.data import DataError, expand_paths, prepare
@@ -54,9 +55,13 @@ def test_directory_and_glob_inputs(tmp_path, trec):
         _write(trec.iloc[i * 100:(i + 1) * 100], tmp_path / "parts" / f"part-{i}.parquet", "parquet")
     assert len(expand_paths(str(tmp_path / "parts"))) == 3
     assert len(expand_paths(str(tmp_path / "parts" / "part-[01].parquet"))) == 2
+    ctx = ray.data.DataContext.get_current()
+    ctx.use_datasource_v2 = True  # Ray's default, whatever earlier tests left
     p = prepare(DataConfig(train=str(tmp_path / "parts" / "*.parquet"), validation=str(tmp_path / "parts" / "part-0.parquet")),
                 "default", 32, seed=0)
     assert p.train_rows == 300
+    # Reading Parquet switches Ray's reader for its own read only, not for the caller's session.
+    assert ctx.use_datasource_v2 is True
 
 
 def test_missing_path_is_named(tmp_path):
