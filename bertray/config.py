@@ -108,6 +108,11 @@ class TrainConfig:
     layer_lr_decay: float = 1.0
     """Layer-wise learning-rate decay: the head trains at ``lr``, the top encoder layer at
     ``lr * d``, the next at ``lr * d**2`` ... down to the embeddings. 1.0 turns it off."""
+    fast_dropout: bool = True
+    """On CPU, dropout masks take 16 random bits an element instead of torch's one draw per
+    element (:mod:`bertray.dropout`): the same distribution, keep probability rounded to
+    1/65,536; ~6% faster MiniLM steps on 2 CPUs. ``false``: torch's own dropout. GPUs always
+    use torch's."""
 
 
 @dataclass(frozen=True)

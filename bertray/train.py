@@ -36,6 +36,7 @@ from ray.train.torch import TorchTrainer
 from bertray import data as bdata
 from bertray.checkpoint import export_model, load_checkpoint, save_checkpoint
 from bertray.config import RunConfig, config_from_dict, to_dict
+from bertray.dropout import FastDropout
 from bertray.labels import class_weights as balanced_weights
 from bertray.memory import keep_freed_memory
 from bertray.metrics import classification_metrics, confusion_matrix
@@ -266,6 +267,7 @@ def train_loop(config: dict) -> None:
     dtype = amp_dtype(t.amp, device)
     if device.type == "cpu" and s.keep_freed_memory:
         keep_freed_memory()  # reuse the embedding gradient's block every step instead of faulting it in anew
+    dropout_masks = FastDropout if device.type == "cpu" and t.fast_dropout else nullcontext
     _progress(f"worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]}: "
               f"device={device} amp={dtype or 'fp32'} threads={threads}")
 
@@ -375,7 +377,7 @@ def train_loop(config: dict) -> None:
             boundary = micro % t.grad_accum_steps == 0
             sync = nullcontext() if boundary or world == 1 else model.no_sync()
             with sync:
-                with _autocast(device, dtype):
+                with _autocast(device, dtype), dropout_masks():
                     logits = model(**batch).logits
                 loss = F.cross_entropy(logits.float(), labels, weight=weight)
                 (scaler.scale(loss / t.grad_accum_steps) if scaler else loss / t.grad_accum_steps).backward()
