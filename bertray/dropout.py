@@ -5,9 +5,10 @@ On CPU, ``torch.nn.functional.dropout`` fills its mask with ``bernoulli_``, whic
 random number per element: ~6 ns an element on this project's 2-core machine, 11% of a
 MiniLM training step (20 dropouts per step: embeddings, attention probabilities and two
 hidden dropouts in each layer, the classifier). :class:`FastDropout` cuts every 64-bit draw
-of torch's generator into four 16-bit numbers and keeps an element when its number falls
-below ``round(keep * 65536)``: ~6x fewer draws for the same mask distribution, up to the
-keep probability rounded to 1/65,536 (0.8999939 for p=0.1). Kept elements are scaled by the
+of torch's generator into four 16-bit numbers and keeps an element when its number is among
+the lowest ``round(keep * 65536)``: a mask in 1/7 of the time (188 us against 1.3 ms for
+221,184 elements), with the same distribution up to the keep probability rounded to
+1/65,536 (0.8999939 for p=0.1). Kept elements are scaled by the
 inverse of that rounded probability, so the output's expectation is the input, as with
 torch's dropout. The draws come from torch's default generator: ``torch.manual_seed`` makes
 runs repeatable, though the masks are not the ones torch itself would draw.
