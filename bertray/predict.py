@@ -486,13 +486,10 @@ def scan_input(cfg: PredictConfig, plan: _Plan) -> dict:
     return total
 
 
-def build_predictions(cfg: PredictConfig, plan: _Plan, ds=None):
-    """The lazy Ray Dataset of input columns + predictions (nothing runs until it is consumed)."""
+def build_predictions(cfg: PredictConfig, plan: _Plan, ds):
+    """The lazy Ray Dataset of ``ds`` (the checked input) + predictions; nothing runs until it is consumed."""
     from ray.data import ActorPoolStrategy
 
-    if ds is None:
-        ds = read_table(cfg.input, files=plan.files)
-        check_input(ds, cfg)
     opts = ds.context.execution_options
     opts.preserve_order = True  # ds.context is this read's own copy of the DataContext
     ds = ds.map_batches(
