@@ -13,10 +13,7 @@ import json
 import sys
 
 from bertray.config import ConfigError, load_config
-
-
-class Interrupted(Exception):
-    """A run stopped before its end with its state saved; re-running the command resumes it."""
+from bertray.errors import BertrayError, Interrupted
 
 
 def main(doc: str, cls, runner: str, argv=None) -> int:
@@ -34,12 +31,12 @@ def main(doc: str, cls, runner: str, argv=None) -> int:
     run = getattr(importlib.import_module(module), func)
     try:
         result = run(cfg)
-    except ValueError as e:  # user input: DataError, PredictError, bad scaling, ...
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
-        return 130
+        return e.exit_status
+    except BertrayError as e:  # the user's to fix; anything else keeps its traceback
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_status
     if isinstance(result, dict):
         print(json.dumps(result, indent=2, default=str))
     return 0

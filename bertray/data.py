@@ -22,6 +22,7 @@ import ray.data
 from ray.data import ActorPoolStrategy
 
 from bertray.config import DataConfig
+from bertray.errors import BertrayError
 from bertray.labels import build_label_map, encode_labels
 from bertray.tokenization import encode_flat
 
@@ -35,7 +36,7 @@ TASK_CPUS = 0.25
 _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
-class DataError(ValueError):
+class DataError(BertrayError):
     """Bad input data: the message names the file, column or label and the fix."""
 
 

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from bertray.errors import BertrayError
+
 
 def build_label_map(labels: Iterable) -> tuple[dict[str, int], dict[int, str]]:
     """Return ``(label2id, id2label)`` for the distinct values of ``labels``.
@@ -25,10 +27,10 @@ def build_label_map(labels: Iterable) -> tuple[dict[str, int], dict[int, str]]:
     """
     distinct = {_normalize(v) for v in labels}
     if not distinct:
-        raise ValueError("no labels found: the label column is empty")
+        raise BertrayError("no labels found: the label column is empty")
     kinds = {type(v) for v in distinct}
     if len(kinds) > 1:
-        raise ValueError(f"labels mix numbers and strings ({sorted(map(str, distinct))[:10]}); make the label column one type")
+        raise BertrayError(f"labels mix numbers and strings ({sorted(map(str, distinct))[:10]}); make the label column one type")
     # Integers sort numerically (2 < 10), strings lexically.
     ordered = sorted(distinct)
     label2id = {str(v): i for i, v in enumerate(ordered)}
@@ -61,7 +63,7 @@ def encode_labels(values, label2id: Mapping[str, int], where: str = "data") -> n
             if k not in label2id:
                 unknown[k] = unknown.get(k, 0) + 1
         detail = ", ".join(f"{k!r} ({n} rows)" for k, n in sorted(unknown.items()))
-        raise ValueError(
+        raise BertrayError(
             f"{where}: label(s) not in the training label map: {detail}. "
             f"Known labels: {sorted(label2id)}. Fix the labels, or add rows with them to the training data."
         ) from None

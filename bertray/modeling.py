@@ -10,6 +10,7 @@ import os
 from typing import TYPE_CHECKING
 
 from bertray.config import DEFAULT_MODEL
+from bertray.errors import BertrayError
 
 if TYPE_CHECKING:
     import torch
@@ -27,12 +28,12 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def _explain(name: str, err: Exception) -> RuntimeError:
+def _explain(name: str, err: Exception) -> BertrayError:
     hint = ("it is not a local directory, so it must be a Hugging Face id reachable on the hub "
             "(this machine may have no hub access: pass a local model directory, or model.name=default)")
     if os.path.isdir(name):
         hint = "the directory exists but is not a Hugging Face model (needs config.json and safetensors weights)"
-    return RuntimeError(f"cannot load model {name!r}: {hint}. Cause: {type(err).__name__}: {err}")
+    return BertrayError(f"cannot load model {name!r}: {hint}. Cause: {type(err).__name__}: {err}")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -44,7 +45,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     except Exception as e:  # transformers raises OSError/ValueError/HF errors
         raise _explain(path, e) from e
     if not tok.is_fast:
-        raise RuntimeError(f"model {name!r} has no fast (Rust) tokenizer; bertray needs tokenizer.json")
+        raise BertrayError(f"model {name!r} has no fast (Rust) tokenizer; bertray needs tokenizer.json")
     return tok
 
 
@@ -99,7 +100,7 @@ def check_is_classifier(path: str) -> None:
         raise _explain(path, e) from e
     archs = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in archs) or not config.id2label:
-        raise ValueError(
+        raise BertrayError(
             f"model.path={path} is not a sequence classifier (architectures={archs}); "
             "pass the <output_dir>/model directory written by jobs/train.py")
 

