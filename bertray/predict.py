@@ -581,7 +581,7 @@ def run(cfg: PredictConfig) -> dict:
     """
     started = time.perf_counter()
     plan = preflight(cfg)
-    from bertray.train import init_ray
+    from bertray.cluster import init_ray
 
     init_ray()
     check_resources(cfg)

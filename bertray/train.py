@@ -35,6 +35,7 @@ from ray.train.torch import TorchTrainer
 
 from bertray import data as bdata
 from bertray.checkpoint import export_model, load_checkpoint, save_checkpoint
+from bertray.cluster import init_ray
 from bertray.config import RunConfig, config_from_dict, to_dict
 from bertray.dropout import FastDropout
 from bertray.errors import BertrayError
@@ -451,12 +452,6 @@ class TrainResult:
     metrics: dict
     history: list
     checkpoint_path: str
-
-
-def init_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS (ray job submit) or start a local one."""
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
 
 
 def worker_resources(cfg: RunConfig) -> dict:

@@ -25,10 +25,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from bertray.checkpoint import export_model
+from bertray.cluster import init_ray
 from bertray.config import RunConfig, apply_overrides, config_from_dict, dump_yaml, to_dict
 from bertray.data import check_inputs
 from bertray.errors import Interrupted
-from bertray.train import build_trainer, init_ray, prepare_data
+from bertray.train import build_trainer, prepare_data
 
 SPACE_KEY = "overrides"
 # The trial function only waits on its TorchTrainer; Tune needs a non-empty request, so a sliver.
