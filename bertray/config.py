@@ -555,11 +555,18 @@ def _validate_predict(cfg: PredictConfig) -> list[str]:
 
 
 def default_data_root() -> str:
-    return os.environ.get("BERTRAY_DATA_ROOT", "../shared/data")
+    """$BERTRAY_DATA_ROOT, else the example data shipped inside the package (an absolute path
+    through the package's own location, so it holds in a clone, a pip install and the copy
+    that ``ray job submit --working-dir .`` unpacks)."""
+    from bertray.paths import EXAMPLE_DATA
+
+    return os.environ.get("BERTRAY_DATA_ROOT") or str(EXAMPLE_DATA)
 
 
 def is_uri(path: str) -> bool:
-    return "://" in path
+    from bertray.paths import is_uri as _is_uri
+
+    return _is_uri(path)
 
 
 def _abs(path: str) -> str:

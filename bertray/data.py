@@ -7,23 +7,33 @@ starts, so problems surface as one clear error instead of a crash mid-epoch.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.fs as pafs
+import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
 
+from bertray.columns import is_text_type, missing_column, text_stats, usable_text
 from bertray.config import DataConfig
-from bertray.errors import BertrayError
-from bertray.labels import build_label_map, encode_labels
+from bertray.errors import DataError
+from bertray.filecheck import find_first_bad_line
+from bertray.labels import (
+    build_label_map,
+    check_classes,
+    encode_labels,
+    label_key,
+    label_value,
+    similar_labels,
+)
+from bertray.paths import list_files
 from bertray.tokenization import encode_flat
 
 log = logging.getLogger(__name__)
@@ -34,53 +44,39 @@ log = logging.getLogger(__name__)
 # uses no select_columns/rename_columns (default-CPU tasks): the tokenizer picks columns.
 TASK_CPUS = 0.25
 _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+# Arrow's readers (and Ray's) undo these from the file name.
+_COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
 
-
-class DataError(BertrayError):
-    """Bad input data: the message names the file, column or label and the fix."""
+# predict.py lists its input with this name until it calls list_files itself.
+expand_paths = list_files
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def expand_paths(path: str) -> list[str]:
-    """Files behind a file, directory or glob, local or on any pyarrow filesystem.
-
-    Raises:
-        DataError: nothing exists at ``path``.
-    """
-    if "://" in path:
-        fs, base = pafs.FileSystem.from_uri(path)
-        scheme = path.split("://", 1)[0] + "://"
-    else:
-        fs, base, scheme = pafs.LocalFileSystem(), os.path.abspath(path), ""
-    if any(ch in base for ch in "*?["):
-        root = base[: min(base.find(ch) for ch in "*?[" if ch in base)].rsplit("/", 1)[0] or "/"
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, base))
-    else:
-        info = fs.get_file_info(base)
-        if info.type == pafs.FileType.File:
-            files = [base]
-        elif info.type == pafs.FileType.Directory:
-            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-            files = sorted(i.path for i in infos if i.type == pafs.FileType.File
-                           and not os.path.basename(i.path).startswith(("_", "."))
-                           and os.path.splitext(i.path)[1].lower() in _EXTENSIONS)
-        else:
-            files = []
-    if not files:
-        raise DataError(f"no data files found at {path!r}: check the path (a file, a directory, or a glob like data/*.parquet)")
-    return [scheme + f for f in files]
+def _format_of(path: str) -> str | None:
+    root, ext = os.path.splitext(path.lower())
+    if ext in _COMPRESSIONS:
+        ext = os.path.splitext(root)[1]
+    return _EXTENSIONS.get(ext)
 
 
 def detect_format(files: list[str], fmt: str) -> str:
+    """``fmt``, or with ``auto`` the one format all ``files`` have by their extension.
+
+    Raises:
+        DataError: unknown extensions or a mix of formats, naming files and the fix.
+    """
     if fmt != "auto":
         return fmt
-    kinds = {_EXTENSIONS.get(os.path.splitext(f)[1].lower()) for f in files}
-    if None in kinds or len(kinds) != 1:
-        raise DataError(f"cannot tell the format of {files[:3]}...: use .parquet/.csv/.jsonl files or set data.format")
-    return kinds.pop()
+    kinds = {f: _format_of(f) for f in files}
+    unknown = [f for f, k in kinds.items() if k is None]
+    if unknown:
+        raise DataError(f"cannot tell the format of {unknown[:3]} from the file name: use .parquet/.csv/.jsonl "
+                        "names, or set data.format (predict: Parquet only)")
+    if len(set(kinds.values())) > 1:
+        raise DataError(f"the input mixes formats ({sorted(set(kinds.values()))}): give one format per path")
+    return next(iter(kinds.values()))
 
 
 def _is_hf_dataset(path: str) -> bool:
@@ -105,7 +101,7 @@ def read_table(path: str, fmt: str = "auto", columns: list[str] | None = None, i
                hf_split: str | None = None, files: list[str] | None = None) -> ray.data.Dataset:
     """A Ray Dataset over Parquet/CSV/JSONL at ``path`` (or a Hugging Face dataset).
 
-    ``files``: ``expand_paths(path)`` when the caller has it already; on an object store each
+    ``files``: ``list_files(path)`` when the caller has it already; on an object store each
     listing is a round trip per directory level, so a caller that reads a path several times
     lists it once.
     """
@@ -114,7 +110,7 @@ def read_table(path: str, fmt: str = "auto", columns: list[str] | None = None, i
         if include_paths:
             ds = ds.add_column("path", lambda b: pd.Series([path] * len(b)), batch_format="pandas")
         return ds
-    files = files or expand_paths(path)
+    files = files or list_files(path)
     fmt = detect_format(files, fmt)
     if fmt == "parquet":
         # Ray 2.60's DataSourceV2 Parquet path adds a ListFiles task that always asks for a
@@ -143,7 +139,7 @@ def check_inputs(cfg: DataConfig) -> None:
     for key, path in (("data.train", cfg.train), ("data.validation", cfg.validation)):
         if path and not _is_hf_dataset(path):
             try:
-                expand_paths(path)
+                list_files(path)
             except DataError as e:
                 raise DataError(f"{key}: {e}") from None
 
@@ -153,8 +149,7 @@ def check_columns(ds: ray.data.Dataset, path: str, required: dict[str, str]) -> 
     names = list(ds.schema().names)
     for key, col in required.items():
         if col not in names:
-            raise DataError(f"{path}: column {col!r} (from {key}) not found; columns in the data: {names}. "
-                            f"Set {key}=<one of those>.")
+            raise DataError(missing_column(path, col, names, key))
 
 
 # ----------------------------------------------------------------------------- scan
@@ -163,53 +158,76 @@ def check_columns(ds: ray.data.Dataset, path: str, required: dict[str, str]) -> 
 @dataclass
 class ScanReport:
     rows: int
-    label_counts: dict  # raw label value -> rows
+    usable_rows: int  # rows with a text and a label (both sides of a holdout split)
+    label_counts: dict  # label_value -> usable rows (with a holdout: its training side only)
     bad: dict  # file -> {"null_text": n, "empty_text": n, "null_label": n}
+    text_types: dict  # file -> Arrow type of a text column that does not hold text
 
     @property
     def bad_rows(self) -> int:
-        return sum(sum(v.values()) for v in self.bad.values())
+        return self.rows - self.usable_rows
+
+
+def _has_label(col: pa.ChunkedArray | pa.Array):
+    """Boolean mask: the label is present (not null, and not NaN in a float column)."""
+    present = pc.is_valid(col)
+    if pa.types.is_floating(col.type):
+        present = pc.and_(present, pc.invert(pc.fill_null(pc.is_nan(col), True)))
+    return present
+
+
+def _file_summary(batch: pa.Table, text_col: str, label_col: str) -> dict:
+    summary = {}
+    paths = batch.column("path")
+    for path in pc.unique(paths).to_pylist():
+        part = batch.filter(pc.equal(paths, path))
+        nulls, empties = text_stats(part.column(text_col))
+        label = part.column(label_col)
+        summary[path] = {"rows": part.num_rows, "null_text": nulls, "empty_text": empties,
+                         "null_label": part.num_rows - int(pc.sum(_has_label(label)).as_py() or 0)}
+    return summary
 
 
 def _summarize(batch: pa.Table, text_col: str, label_col: str, holdout: tuple[float, int] | None) -> pa.Table:
-    df = batch.to_pandas()
-    text, label = df[text_col], df[label_col]
-    null_text = text.isna()
-    empty_text = ~null_text & (text.astype(str).str.strip() == "")
-    null_label = label.isna()
-    per_file = {}
-    for path, idx in df.groupby("path").groups.items():
-        per_file[path] = {"rows": len(idx), "null_text": int(null_text[idx].sum()),
-                          "empty_text": int(empty_text[idx].sum()), "null_label": int(null_label[idx].sum())}
-    ok = ~(null_text | empty_text | null_label)
+    text = batch.column(text_col)
+    if not is_text_type(text.type):
+        wrong = {p: str(text.type) for p in pc.unique(batch.column("path")).to_pylist()}
+        return pa.table({"summary": [json.dumps({"files": {}, "usable": 0, "labels": [], "text_types": wrong})]})
+    usable = pc.and_(usable_text(text), _has_label(batch.column(label_col)))
+    keep = usable
     if holdout is not None:
         # Count only the rows hash_split keeps for training, so counts are exact.
-        ok &= _hash_fraction(text, holdout[1]) >= holdout[0]
-    counts = label[ok].value_counts()
-    labels = {json.dumps(k.item() if hasattr(k, "item") else k): int(v) for k, v in counts.items()}
-    return pa.table({"summary": [json.dumps({"files": per_file, "labels": labels})]})
+        side = _hash_fraction(batch.select([text_col]).to_pandas()[text_col], holdout[1]) >= holdout[0]
+        keep = pc.and_(keep, pa.array(side))
+    counts = pc.value_counts(batch.column(label_col).filter(keep)).to_pylist()
+    summary = {"files": _file_summary(batch, text_col, label_col), "usable": int(pc.sum(usable).as_py() or 0),
+               "labels": [[label_value(c["values"]), c["counts"]] for c in counts], "text_types": {}}
+    return pa.table({"summary": [json.dumps(summary)]})
 
 
 def scan(ds: ray.data.Dataset, text_col: str, label_col: str, holdout: tuple[float, int] | None = None) -> ScanReport:
-    """One pass over text and label: row count, label counts, bad rows per file.
+    """One pass over text and label: row count, label counts, bad rows per file, text columns
+    that are not text.
 
     With ``holdout=(fraction, seed)`` the label counts cover only the training side of
     :func:`hash_split`.
     """
     summaries = ds.map_batches(_summarize, batch_format="pyarrow", batch_size=8192, num_cpus=TASK_CPUS,
                                fn_kwargs={"text_col": text_col, "label_col": label_col, "holdout": holdout})
-    rows, labels, bad = 0, {}, {}
+    report = ScanReport(rows=0, usable_rows=0, label_counts={}, bad={}, text_types={})
     for row in summaries.iter_rows():
         s = json.loads(row["summary"])
         for path, c in s["files"].items():
-            rows += c.pop("rows")
-            agg = bad.setdefault(path, {"null_text": 0, "empty_text": 0, "null_label": 0})
+            report.rows += c.pop("rows")
+            agg = report.bad.setdefault(path, {"null_text": 0, "empty_text": 0, "null_label": 0})
             for k, v in c.items():
                 agg[k] += v
-        for k, v in s["labels"].items():
-            labels[json.loads(k)] = labels.get(json.loads(k), 0) + v
-    bad = {p: c for p, c in bad.items() if sum(c.values())}
-    return ScanReport(rows=rows, label_counts=labels, bad=bad)
+        report.usable_rows += s["usable"]
+        for value, n in s["labels"]:
+            report.label_counts[value] = report.label_counts.get(value, 0) + n
+        report.text_types.update(s["text_types"])
+    report.bad = {p: c for p, c in report.bad.items() if sum(c.values())}
+    return report
 
 
 def bad_rows_message(report: ScanReport, cfg: DataConfig) -> str:
@@ -222,10 +240,34 @@ def bad_rows_message(report: ScanReport, cfg: DataConfig) -> str:
     return "; ".join(lines)
 
 
-def _drop_bad(batch: pd.DataFrame, text_col: str, label_col: str) -> pd.DataFrame:
-    text = batch[text_col]
-    keep = text.notna() & (text.astype(str).str.strip() != "") & batch[label_col].notna()
-    return batch[keep]
+def _text_type_message(report: ScanReport, fmt: str, cfg: DataConfig) -> str:
+    files = sorted(report.text_types)
+    if fmt == "csv":  # Arrow reads a CSV column with bytes that are not UTF-8 as binary
+        problem = find_first_bad_line(files, fmt)
+        if problem:
+            return problem
+    detail = "; ".join(f"{f}: {report.text_types[f]}" for f in files[:3])
+    return (f"column {cfg.text_column!r} (from data.text_column) does not hold text ({detail}). Set "
+            "data.text_column to the column with the text, or write that column as strings.")
+
+
+@contextmanager
+def _read_errors_named(files: list[str] | None, fmt: str):
+    """A CSV/JSONL read that fails on bad bytes or a malformed line becomes a DataError naming
+    the file and line (found by re-reading the files, only on this failure path)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception:
+        problem = find_first_bad_line(files, fmt) if files and fmt in ("csv", "json") else None
+        if problem:
+            raise DataError(problem) from None
+        raise
+
+
+def _drop_bad(batch: pa.Table, text_col: str, label_col: str) -> pa.Table:
+    return batch.filter(pc.and_(usable_text(batch.column(text_col)), _has_label(batch.column(label_col))))
 
 
 # ----------------------------------------------------------------------------- split
@@ -324,43 +366,77 @@ def _load_labelled(path: str, cfg: DataConfig, role: str, holdout=None) -> tuple
     cols = [cfg.text_column, cfg.label_column]
     limit = cfg.max_train_rows if role == "train" else cfg.max_validation_rows
 
-    files = None if _is_hf_dataset(path) else expand_paths(path)  # listed once for the three reads below
+    files = None if _is_hf_dataset(path) else list_files(path)  # listed once for the three reads below
+    fmt = detect_format(files, cfg.format) if files else "hf"
 
     def read(include_paths: bool) -> ray.data.Dataset:
-        ds = read_table(path, cfg.format, columns=cols, include_paths=include_paths, hf_split=role, files=files)
+        ds = read_table(path, fmt if files else cfg.format, columns=cols, include_paths=include_paths,
+                        hf_split=role, files=files)
         return ds.limit(limit) if limit else ds
 
-    check_columns(read_table(path, cfg.format, hf_split=role, files=files), path,
-                  {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column})
-    report = scan(read(include_paths=True), cfg.text_column, cfg.label_column, holdout)
+    with _read_errors_named(files, fmt):
+        check_columns(read_table(path, fmt if files else cfg.format, hf_split=role, files=files), path,
+                      {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column})
+        report = scan(read(include_paths=True), cfg.text_column, cfg.label_column, holdout)
+    if report.text_types:
+        raise DataError(f"{role} data: {_text_type_message(report, fmt, cfg)}")
     if report.bad and not cfg.drop_bad_rows:
         raise DataError(f"{role} data has bad rows: {bad_rows_message(report, cfg)}. "
                         "Clean them, or set data.drop_bad_rows=true to drop them (the count is reported).")
     ds = read(include_paths=False)
     if report.bad:
         log.warning("dropping %d bad %s row(s): %s", report.bad_rows, role, bad_rows_message(report, cfg))
-        ds = ds.map_batches(_drop_bad, batch_format="pandas", num_cpus=TASK_CPUS,
+        ds = ds.map_batches(_drop_bad, batch_format="pyarrow", num_cpus=TASK_CPUS,
                             fn_kwargs={"text_col": cfg.text_column, "label_col": cfg.label_column})
     return ds, report
 
 
+def _check_labels(cfg: DataConfig, report: ScanReport, label2id: dict[str, int], vreport: ScanReport | None) -> None:
+    """Before training: a validation set with rows, validation labels the model knows; a warning for labels that differ only by case or surrounding whitespace.
+
+    Raises:
+        DataError: naming the data, the counts and the fix.
+    """
+    similar = similar_labels(label2id)
+    if similar:
+        log.warning("training labels that differ only by case or surrounding whitespace: %s; they are trained as "
+                    "different classes. Clean the label column if each group is one class.", similar)
+    if vreport is None:
+        held_out = report.usable_rows - sum(report.label_counts.values())
+        if held_out == 0:
+            raise DataError(f"data.validation_fraction={cfg.validation_fraction} of {report.usable_rows} usable "
+                            f"training rows holds out 0 rows for validation: set data.validation to a labelled "
+                            "file, or raise data.validation_fraction.")
+        return
+    if vreport.usable_rows == 0:
+        raise DataError(f"data.validation={cfg.validation}: no usable validation rows ({vreport.rows} rows read, "
+                        f"{vreport.bad_rows} with a null/empty text or a null label): metrics over 0 rows cannot "
+                        "rank checkpoints. Point data.validation at labelled rows, or unset it to hold out a split.")
+    unknown = {k: n for k, n in vreport.label_counts.items() if label_key(k) not in label2id}
+    if unknown:
+        detail = ", ".join(f"{label_key(k)!r} ({n} rows)" for k, n in sorted(unknown.items(), key=str))
+        raise DataError(f"{cfg.validation}: validation label(s) not in the training label map: {detail}. "
+                        f"Training labels: {list(label2id)}. Fix the labels or add them to the training data.")
+
+
 def prepare(cfg_data: DataConfig, model_name: str, max_length: int, seed: int,
             trust_remote_code: bool = False) -> PreparedData:
-    """Read, validate, split and tokenize train/validation data (lazily, streaming)."""
+    """Read, validate, split and tokenize train/validation data (lazily, streaming).
+
+    Raises:
+        DataError: unreadable files, wrong columns, bad rows, one class, no validation rows,
+            unknown validation labels; all before any training starts.
+    """
     holdout = None if cfg_data.validation else (cfg_data.validation_fraction, seed)
     train, report = _load_labelled(cfg_data.train, cfg_data, "train", holdout)
-    label2id, id2label = build_label_map(report.label_counts)
-    dropped = report.bad_rows
+    vreport = None
     if cfg_data.validation:
         val, vreport = _load_labelled(cfg_data.validation, cfg_data, "validation")
-        dropped += vreport.bad_rows
-        unknown = {k: n for k, n in vreport.label_counts.items() if str(k) not in label2id}
-        if unknown:
-            detail = ", ".join(f"{k!r} ({n} rows)" for k, n in sorted(unknown.items(), key=str))
-            raise DataError(f"{cfg_data.validation}: validation label(s) not in the training label map: {detail}. "
-                            f"Training labels: {list(label2id)}. Fix the labels or add them to the training data.")
     else:
         train, val = hash_split(train, cfg_data.text_column, cfg_data.validation_fraction, seed)
+    check_classes(report.label_counts, f"data.train={cfg_data.train}")
+    label2id, id2label = build_label_map(report.label_counts)
+    _check_labels(cfg_data, report, label2id, vreport)
     kw = {"model_name": model_name, "max_length": max_length, "label2id": label2id, "cfg": cfg_data,
           "trust_remote_code": trust_remote_code}
     return PreparedData(
@@ -372,6 +448,6 @@ def prepare(cfg_data: DataConfig, model_name: str, max_length: int, seed: int,
         label2id=label2id,
         id2label=id2label,
         train_rows=sum(report.label_counts.values()),
-        label_counts={label2id[str(k)]: v for k, v in report.label_counts.items()},
-        dropped_rows=dropped,
+        label_counts={label2id[label_key(k)]: v for k, v in report.label_counts.items()},
+        dropped_rows=report.bad_rows + (vreport.bad_rows if vreport else 0),
     )

@@ -15,6 +15,10 @@ class BertrayError(Exception):
     exit_status = 1
 
 
+class DataError(BertrayError):
+    """Bad input data: the message names the file, column, row or label and the fix."""
+
+
 class Interrupted(BertrayError):
     """A run stopped before its end with its state saved; re-running the command resumes it."""
 

@@ -2,7 +2,8 @@
 
 Like transformers' ``run_glue.py``, labels are sorted so the same data always gives
 the same ``label2id``; the map is written into the model's ``config.json`` so a
-checkpoint describes itself and predictions decode to real names.
+checkpoint describes itself and predictions decode to real names. :func:`label_key` is
+the one rule that turns a raw label into its key, for the map, the counts and every check.
 
 Pure module: no ``ray``, no work at import.
 """
@@ -13,48 +14,82 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from bertray.errors import BertrayError
+from bertray.errors import BertrayError, DataError
+
+
+def label_value(value) -> int | float | str:
+    """The canonical value of a raw label: numpy scalars unwrapped, bools and whole floats as ints.
+
+    ``label_key(v) == str(label_value(v))``; the value (not the key) orders numeric labels.
+    """
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def label_key(value) -> str:
+    """The one normalisation of a raw label into its ``label2id`` key, used by the label map,
+    the label counts and every check against the map.
+
+    ``1``, ``1.0``, ``"1"``, ``True`` and ``np.int64(1)`` give ``"1"``; ``False`` gives ``"0"``;
+    a float with a fraction keeps it (``0.5`` -> ``"0.5"``); strings are kept as they are.
+    """
+    return str(label_value(value))
 
 
 def build_label_map(labels: Iterable) -> tuple[dict[str, int], dict[int, str]]:
     """Return ``(label2id, id2label)`` for the distinct values of ``labels``.
 
-    Integer labels keep their numeric order (0, 1, ...), strings sort lexically. Keys of
-    ``label2id`` are strings, as Hugging Face configs store them.
+    Numeric labels keep their numeric order (0, 1, ..., 10), strings sort lexically. Keys of
+    ``label2id`` are :func:`label_key` strings, as Hugging Face configs store them.
 
     Raises:
-        ValueError: no labels, or a mix of numbers and strings.
+        BertrayError: no labels, or a mix of numbers and strings.
     """
-    distinct = {_normalize(v) for v in labels}
+    distinct = {label_value(v) for v in labels}
     if not distinct:
         raise BertrayError("no labels found: the label column is empty")
-    kinds = {type(v) for v in distinct}
-    if len(kinds) > 1:
+    if len({isinstance(v, str) for v in distinct}) > 1:
         raise BertrayError(f"labels mix numbers and strings ({sorted(map(str, distinct))[:10]}); make the label column one type")
-    # Integers sort numerically (2 < 10), strings lexically.
     ordered = sorted(distinct)
-    label2id = {str(v): i for i, v in enumerate(ordered)}
-    id2label = {i: str(v) for i, v in enumerate(ordered)}
+    label2id = {label_key(v): i for i, v in enumerate(ordered)}
+    id2label = {i: label_key(v) for i, v in enumerate(ordered)}
     return label2id, id2label
 
 
-def _normalize(value):
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool):
-        value = int(value)
-    return value
+def check_classes(counts: Mapping, where: str) -> None:
+    """A classifier needs two classes or more in its training data.
+
+    Raises:
+        DataError: naming ``where``, the rows per class and the fix.
+    """
+    if len(counts) >= 2:
+        return
+    found = ", ".join(f"{label_key(k)!r}: {n} rows" for k, n in counts.items()) or "no usable rows"
+    raise DataError(f"{where}: training needs at least 2 classes, found {len(counts)} ({found}). Check "
+                       "data.label_column and the data (data.max_train_rows keeps only the first rows).")
+
+
+def similar_labels(keys: Iterable[str]) -> list[list[str]]:
+    """Groups of distinct labels that differ only by surrounding whitespace or case (``"spam"``,
+    ``"Spam "``): usually one class spelt two ways."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(k.strip().casefold(), []).append(k)
+    return [sorted(g) for _, g in sorted(groups.items()) if len(g) > 1]
 
 
 def encode_labels(values, label2id: Mapping[str, int], where: str = "data") -> np.ndarray:
     """Map raw labels to ids.
 
     Raises:
-        ValueError: naming every unknown label, how many rows carry it, and the known labels.
+        BertrayError: naming every unknown label, how many rows carry it, and the known labels.
     """
-    keys = [str(_normalize(v)) for v in values]
+    keys = [label_key(v) for v in values]
     try:
         return np.fromiter((label2id[k] for k in keys), dtype=np.int64, count=len(keys))
     except KeyError:

@@ -1,4 +1,8 @@
-"""Shared fixtures: one local Ray session for the whole run, real data, a real trained model."""
+"""Shared fixtures: one local Ray session for the whole run, real data, a real trained model.
+
+Data: the example data shipped in bertray/example_data (subsets of real sets), or the folder that
+$BERTRAY_DATA_ROOT names (the full sets). A test that needs the full sets asks for ``full_data_root``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("BERTRAY_DATA_ROOT", ROOT.parent / "shared" / "data")).resolve()
-os.environ.setdefault("BERTRAY_DATA_ROOT", str(DATA))
+EXAMPLE_DATA = ROOT / "bertray" / "example_data"
+DATA = Path(os.environ.get("BERTRAY_DATA_ROOT") or EXAMPLE_DATA).resolve()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -29,8 +33,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA / "trec" / "train.parquet").exists():
-        pytest.fail(f"real data not found under {DATA}; set BERTRAY_DATA_ROOT to the shared/data folder")
+        pytest.fail(f"data not found under {DATA}: unset BERTRAY_DATA_ROOT to use the example data shipped in "
+                    f"{EXAMPLE_DATA}, or point it at a folder laid out the same way")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def full_data_root(data_root) -> Path:
+    """The full sets: skips (naming the variable) when only the shipped subsets are at hand."""
+    if data_root == EXAMPLE_DATA.resolve():
+        pytest.skip("needs the full data sets: set BERTRAY_DATA_ROOT to a folder holding them (sst2/, trec/, ...)")
+    return data_root
 
 
 @pytest.fixture(scope="session")

@@ -151,11 +151,13 @@ def test_wrong_column_is_a_clear_error(ray_session, tmp_path):
 
 @pytest.mark.slow
 def test_ray_job_submit_on_a_started_head(tmp_path):
-    """`ray start --head` (token auth on), `ray job submit` the smoke config, the job writes the model."""
+    """`ray start --head` (token auth on), `ray job submit` the smoke config, the job writes the model.
+
+    No data.root: ``{data_root}`` resolves inside the copy of the repository that Ray unpacks for the job."""
     out = tmp_path / "job"
     with RayCluster(port=6479, dashboard_port=8366) as cluster:
         proc = cluster.submit("jobs/train.py", "--config", "configs/smoke.yaml", f"output_dir={out}",
-                              f"data.root={os.environ['BERTRAY_DATA_ROOT']}", "train.epochs=1", "data.max_train_rows=128")
+                              "train.epochs=1", "data.max_train_rows=128")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout.lower()
     assert (out / "model" / "model.safetensors").exists() and (out / "metrics.json").exists()
