@@ -7,9 +7,10 @@ import json
 import pandas as pd
 import pytest
 import ray.data
+from conftest import ROOT
 
 from bertray.config import DataConfig
-from bertray.data import DataError, expand_paths, prepare
+from bertray.data import DataError, list_files, prepare
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -53,8 +54,8 @@ def test_each_format_reads_and_tokenizes(tmp_path, trec, fmt, ext):
 def test_directory_and_glob_inputs(tmp_path, trec):
     for i in range(3):
         _write(trec.iloc[i * 100:(i + 1) * 100], tmp_path / "parts" / f"part-{i}.parquet", "parquet")
-    assert len(expand_paths(str(tmp_path / "parts"))) == 3
-    assert len(expand_paths(str(tmp_path / "parts" / "part-[01].parquet"))) == 2
+    assert len(list_files(str(tmp_path / "parts"))) == 3
+    assert len(list_files(str(tmp_path / "parts" / "part-[01].parquet"))) == 2
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = True  # Ray's default, whatever earlier tests left
     p = prepare(DataConfig(train=str(tmp_path / "parts" / "*.parquet"), validation=str(tmp_path / "parts" / "part-0.parquet")),
@@ -155,3 +156,110 @@ def test_hugging_face_dataset_on_disk(tmp_path, trec):
     p = prepare(DataConfig(train=str(tmp_path / "hf"), validation=str(tmp_path / "hf")), "default", 32, seed=0)
     assert p.train_rows == len(trec)
     assert json.dumps(p.label2id)
+
+
+# ----------------------------------------------------------------------------- inputs, labels, degenerate data
+
+
+def test_directory_input_skips_spark_hive_and_temp_leftovers(tmp_path, trec):
+    table = tmp_path / "table"
+    _write(trec.iloc[:100], table / "part-0.parquet", "parquet")
+    _write(trec.iloc[100:200], table / "region=eu" / "part-1.parquet", "parquet")
+    for leftover in ("_temporary/0/part-0.parquet", ".staging/part-0.parquet", ".tmp-a1b2/part-0.parquet"):
+        _write(trec.iloc[200:300], table / leftover, "parquet")
+    (table / "_SUCCESS").write_text("")
+    p = prepare(DataConfig(train=str(table), validation=str(table / "part-0.parquet")), "default", 32, seed=0)
+    assert p.train_rows == 200  # the two visible parts, none of the 300 leftover rows
+
+
+@pytest.mark.parametrize("fmt, ext", [("parquet", "parquet"), ("csv", "csv"), ("json", "jsonl")])
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_float_and_bool_label_columns_train(tmp_path, trec, fmt, ext, kind):
+    df = trec.iloc[:120].copy()
+    flag = df["label"].isin(["HUM", "LOC"])
+    df["label"] = flag.astype(float) if kind == "float" else flag
+    t = _write(df.iloc[:100], tmp_path / f"t.{ext}", fmt)
+    v = _write(df.iloc[100:], tmp_path / f"v.{ext}", fmt)
+    p = prepare(DataConfig(train=t, validation=v), "default", 32, seed=0)
+    assert p.label2id == {"0": 0, "1": 1} and p.id2label == {0: "0", 1: "1"}
+    assert p.label_counts == {1: int(flag.iloc[:100].sum()), 0: int((~flag.iloc[:100]).sum())}
+    assert sorted(_rows(p.train)["labels"]) == sorted(flag.iloc[:100].astype(int))
+    assert sorted(_rows(p.validation)["labels"]) == sorted(flag.iloc[100:].astype(int))
+
+
+def test_one_class_in_training_is_an_error_with_counts(tmp_path, trec):
+    df = trec[trec["label"] == "HUM"]
+    t = _write(df, tmp_path / "t.parquet", "parquet")
+    with pytest.raises(DataError, match=rf"data.train={t}: training needs at least 2 classes, found 1 \('HUM': {len(df)} rows\)"):
+        prepare(DataConfig(train=t, validation=t), "default", 32, seed=0)
+
+
+@pytest.mark.parametrize("case", ["empty file", "only bad rows"])
+def test_empty_validation_file_is_an_error_with_counts(tmp_path, trec, case):
+    t = _write(trec, tmp_path / "t.parquet", "parquet")
+    val = trec.iloc[:0] if case == "empty file" else trec.iloc[:5].assign(text="  ")
+    v = _write(val, tmp_path / "v.parquet", "parquet")
+    read, bad = (0, 0) if case == "empty file" else (5, 5)
+    with pytest.raises(DataError, match=rf"data.validation={v}: no usable validation rows \({read} rows read, {bad} with"):
+        prepare(DataConfig(train=t, validation=v, drop_bad_rows=True), "default", 32, seed=0)
+
+
+def test_holdout_of_zero_rows_is_an_error(tmp_path, trec):
+    t = _write(trec.iloc[:20], tmp_path / "t.parquet", "parquet")
+    with pytest.raises(DataError, match=r"data.validation_fraction=0.001 of 20 usable training rows holds out 0 rows"):
+        prepare(DataConfig(train=t, validation_fraction=0.001), "default", 32, seed=0)
+
+
+def test_labels_differing_by_case_or_whitespace_warn(tmp_path, trec, caplog):
+    df = trec.iloc[:60].copy()
+    df.loc[df.index[:3], "label"] = "hum"
+    df.loc[df.index[3:5], "label"] = " HUM"
+    t = _write(df, tmp_path / "t.parquet", "parquet")
+    with caplog.at_level("WARNING", logger="bertray.data"):
+        p = prepare(DataConfig(train=t, validation=t), "default", 32, seed=0)
+    assert "hum" in p.label2id and " HUM" in p.label2id  # still trained as written
+    assert "differ only by case or surrounding whitespace: [[' HUM', 'HUM', 'hum']]" in caplog.text
+
+
+def _bad_input(tmp_path, trec, case) -> tuple[str, str]:
+    """A training file for each late-error case, and the message that must name it."""
+    if case == "utf8 csv":
+        path = tmp_path / "t.csv"
+        _write(trec.iloc[:50], path, "csv")
+        with path.open("ab") as f:
+            f.write(b"caf\xe9 au lait?,DESC\n")
+        return str(path), rf"{path}: line 52: not valid UTF-8 \(byte 4 of the line is b'\\xe9'\)"
+    if case == "jsonl line":
+        path = tmp_path / "t.jsonl"
+        _write(trec.iloc[:50], path, "json")
+        with path.open("a") as f:
+            f.write('{"text": "who?", label: "HUM"}\n')
+        return str(path), rf"{path}: line 51: not valid JSON .* one JSON object per line"
+    path = tmp_path / "t.parquet"
+    _write(trec.iloc[:50].assign(text=range(50)), path, "parquet")
+    return str(path), rf"column 'text' \(from data.text_column\) does not hold text \({path}: int64\)"
+
+
+@pytest.mark.parametrize("case", ["utf8 csv", "jsonl line", "int text"])
+def test_late_data_errors_become_early_errors_naming_file_and_line(tmp_path, trec, case):
+    path, message = _bad_input(tmp_path, trec, case)
+    with pytest.raises(DataError, match=message):
+        prepare(DataConfig(train=path, validation=path), "default", 32, seed=0)
+
+
+@pytest.mark.parametrize("case", ["utf8 csv", "one class"])
+def test_data_errors_exit_1_from_jobs_train_before_training(tmp_path, trec, case, capsys):
+    from bertray.cli import main
+    from bertray.config import RunConfig
+
+    if case == "one class":
+        path, message = _write(trec[trec["label"] == "NUM"], tmp_path / "t.parquet", "parquet"), "found 1 ('NUM'"
+    else:
+        path, message = _bad_input(tmp_path, trec, case)
+        message = f"{path}: line 52: not valid UTF-8"
+    out = tmp_path / "out"
+    status = main("", RunConfig, "bertray.train:run",
+                  ["--config", str(ROOT / "configs" / "smoke.yaml"), f"data.train={path}", f"data.validation={path}", f"output_dir={out}"])
+    assert status == 1
+    assert message in capsys.readouterr().err
+    assert not (out / "model").exists() and not (out / "ray").exists()
