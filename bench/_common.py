@@ -1,8 +1,23 @@
-"""Shared by the benchmarks: peak memory of a process and everything it started."""
+"""Shared by the benchmarks: the full data sets, and peak memory of a process and everything it started."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def full_data_root() -> Path:
+    """The full public data sets the benchmarks need (not the subsets shipped in bertray/example_data):
+    $BERTRAY_DATA_ROOT, else ../shared/data beside the repository. Exits naming the variable when absent."""
+    root = Path(os.environ.get("BERTRAY_DATA_ROOT") or ROOT.parent / "shared" / "data").resolve()
+    if not (root / "sst2" / "train.parquet").is_file():
+        sys.exit(f"the benchmarks need the full data sets, not found under {root}: set BERTRAY_DATA_ROOT to a "
+                 "folder laid out as in bertray/example_data/README.md")
+    return root
 
 
 class PeakRSS:

@@ -52,7 +52,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def data_root() -> Path:
-    return Path(os.environ.get("BERTRAY_DATA_ROOT", ROOT.parent / "shared" / "data")).resolve()
+    from _common import full_data_root
+
+    return full_data_root()
 
 
 def make_input(rows: int, directory: Path, rows_per_file: int = 12_500) -> Path:

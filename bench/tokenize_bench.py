@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS  # noqa: E402
+from _common import PeakRSS, full_data_root  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("BERTRAY_DATA_ROOT", ROOT.parent / "shared" / "data"))
+DATA = full_data_root()
 
 
 def make_corpus(rows: int, folder: Path) -> list[str]:
