@@ -79,3 +79,16 @@ def test_example_data_is_shipped_inside_the_package():
     files = [f for f in files if not f.endswith("README.md")]
     assert {f.split("/")[-2] for f in files} == {"sst2", "trec", "sms_spam", "mrpc", "stsb", "goemotions"}
     assert sum(Path(f).stat().st_size for f in files) < 4_000_000  # a few MB at most
+
+
+def test_every_example_file_is_package_data():
+    """`pip install .` carries exactly what is in the folder: each file matches a package-data glob."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((EXAMPLE_DATA.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["bertray"]
+    package = EXAMPLE_DATA.parent
+    for path in EXAMPLE_DATA.rglob("*"):
+        if path.is_file():
+            rel = str(path.relative_to(package))
+            assert any(fnmatch.fnmatchcase(rel, g) for g in globs), f"{rel} is not in package-data {globs}"
