@@ -131,7 +131,8 @@ def read_table(path: str, fmt: str = "auto", columns: list[str] | None = None, i
 
 
 def check_inputs(cfg: DataConfig) -> None:
-    """Fail fast, before Ray starts, when a configured data path holds no files.
+    """Fail fast, before Ray starts, when a configured data path holds no files or files of no
+    format bertray reads.
 
     Raises:
         DataError: naming the path and the config key.
@@ -139,7 +140,7 @@ def check_inputs(cfg: DataConfig) -> None:
     for key, path in (("data.train", cfg.train), ("data.validation", cfg.validation)):
         if path and not _is_hf_dataset(path):
             try:
-                list_files(path)
+                detect_format(list_files(path), cfg.format)
             except DataError as e:
                 raise DataError(f"{key}: {e}") from None
 
@@ -367,15 +368,14 @@ def _load_labelled(path: str, cfg: DataConfig, role: str, holdout=None) -> tuple
     limit = cfg.max_train_rows if role == "train" else cfg.max_validation_rows
 
     files = None if _is_hf_dataset(path) else list_files(path)  # listed once for the three reads below
-    fmt = detect_format(files, cfg.format) if files else "hf"
+    fmt = detect_format(files, cfg.format) if files else cfg.format
 
     def read(include_paths: bool) -> ray.data.Dataset:
-        ds = read_table(path, fmt if files else cfg.format, columns=cols, include_paths=include_paths,
-                        hf_split=role, files=files)
+        ds = read_table(path, fmt, columns=cols, include_paths=include_paths, hf_split=role, files=files)
         return ds.limit(limit) if limit else ds
 
     with _read_errors_named(files, fmt):
-        check_columns(read_table(path, fmt if files else cfg.format, hf_split=role, files=files), path,
+        check_columns(read_table(path, fmt, hf_split=role, files=files), path,
                       {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column})
         report = scan(read(include_paths=True), cfg.text_column, cfg.label_column, holdout)
     if report.text_types:
