@@ -379,7 +379,7 @@ def _load_labelled(path: str, cfg: DataConfig, role: str, holdout=None) -> tuple
                       {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column})
         report = scan(read(include_paths=True), cfg.text_column, cfg.label_column, holdout)
     if report.text_types:
-        raise DataError(f"{role} data: {_text_type_message(report, fmt, cfg)}")
+        raise DataError(_text_type_message(report, fmt, cfg))
     if report.bad and not cfg.drop_bad_rows:
         raise DataError(f"{role} data has bad rows: {bad_rows_message(report, cfg)}. "
                         "Clean them, or set data.drop_bad_rows=true to drop them (the count is reported).")
