@@ -229,13 +229,14 @@ def test_commit_without_rename_copies_then_marks_success(tmp_path):
     LocalFileSystem: a SubTreeFileSystem over a local directory."""
     import pyarrow.fs as pafs
 
-    from bertray.predict import commit
+    from bertray.storage import commit
 
     fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
-    for name, files in {"out": ["old-1.parquet", "old-2.parquet", SUCCESS_FILE], ".out.tmp-1": ["new.parquet"]}.items():
+    for name, files in {"out": ["old-1.parquet", "old-2.parquet"], ".out.tmp-1": ["new.parquet"]}.items():
         (tmp_path / name).mkdir()
         for f in files:
             (tmp_path / name / f).write_text(f"{name}/{f}")
+    (tmp_path / "out" / SUCCESS_FILE).write_text('{"rows_out": 2}')  # a previous bertray output
     (tmp_path / ".out.tmp-1" / SUCCESS_FILE).write_text("{}")
     with pytest.raises(OutputExistsError):
         commit(fs, ".out.tmp-1", "out", "error")
