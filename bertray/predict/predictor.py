@@ -32,11 +32,7 @@ class PredictTokenize(Tokenize):
         col = batch.column(self.text_column)
         if col.null_count == 0:
             return super().__call__(batch)
-        if pa.types.is_null(col.type):
-            filled = pa.array([""] * len(col), pa.string())
-        else:  # fill_null on dictionary indices would need "" in the dictionary: fill the plain strings
-            plain = col.cast(col.type.value_type) if pa.types.is_dictionary(col.type) else col
-            filled = pc.fill_null(plain, "")
+        filled = pa.array([""] * len(col), pa.string()) if pa.types.is_null(col.type) else pc.fill_null(col, "")
         out = super().__call__(batch.set_column(batch.schema.get_field_index(self.text_column),
                                                 self.text_column, filled))
         return out.set_column(out.schema.get_field_index(self.text_column), self.text_column, col)
