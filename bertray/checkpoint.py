@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from bertray import storage
+from bertray.modeling import has_safetensors
+
 STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json")
 
 
@@ -55,14 +58,27 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, scaler
 
 
 def export_model(checkpoint_dir: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Copy the model part of a checkpoint to ``dest``, atomically (tmp dir + rename)."""
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns(*STATE_FILES))
-    old = dest.with_name(f".{dest.name}.old")
-    if dest.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    """Copy the model part of a checkpoint to ``dest`` atomically (:mod:`bertray.storage`).
+
+    The copy is staged in a hidden sibling of ``dest``, checked to hold a loadable model
+    (``config.json`` and safetensors weights), then renamed into place: a reader of ``dest``
+    sees the previous model or the new one, never a mix, and a failed export leaves the
+    previous model as it was. ``dest`` may replace only a model folder (or an empty one).
+
+    Raises:
+        OutputError: ``dest`` is a file or a directory that is not a model folder.
+    """
+    fs, final = storage.filesystem(str(dest))
+    storage.check_target(fs, final, str(dest), owned=_is_model_dir)
+    with storage.staged(fs, final, str(dest)) as stage:
+        shutil.copytree(checkpoint_dir, stage.path, ignore=shutil.ignore_patterns(*STATE_FILES), dirs_exist_ok=True)
+        missing = [f for f in ("config.json",) if not os.path.isfile(os.path.join(stage.path, f))]
+        if not has_safetensors(stage.path):
+            missing.append("model.safetensors")
+        if missing:
+            raise RuntimeError(f"checkpoint {checkpoint_dir} lacks {missing}; nothing was exported to {dest}")
+        storage.commit(fs, stage.path, final, owned=_is_model_dir)
+
+
+def _is_model_dir(fs, path: str) -> bool:
+    return storage.is_bertray_output(fs, path) or os.path.isfile(os.path.join(path, "config.json"))

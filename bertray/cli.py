@@ -31,6 +31,9 @@ def main(doc: str, cls, runner: str, argv=None) -> int:
     run = getattr(importlib.import_module(module), func)
     try:
         result = run(cfg)
+    except ConfigError as e:  # a check that needs more than the config (e.g. the model's size)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return e.exit_status

@@ -28,6 +28,14 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def has_safetensors(path: str | os.PathLike) -> bool:
+    """The folder holds safetensors weights (one file, or the index of a sharded one)."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in SAFETENSORS_FILES)
+
+
 def _explain(name: str, err: Exception) -> BertrayError:
     hint = ("it is not a local directory, so it must be a Hugging Face id reachable on the hub "
             "(this machine may have no hub access: pass a local model directory, or model.name=default)")

@@ -1,9 +1,10 @@
-"""Evaluate a trained classifier on labelled Parquet: predictions plus metrics.
+"""Evaluate a trained classifier on labelled data (Parquet, CSV or JSONL): predictions plus metrics.
 
     python jobs/evaluate.py --config configs/predict.yaml model.path=outputs/trec/model \\
         'input={data_root}/trec/test.parquet' output=outputs/eval/trec
 
-jobs/predict.py with label_column set (default here: label). Writes the predictions,
+jobs/predict.py with label_column set (default here: label), reading every format training
+reads (predict reads Parquet only). Writes the predictions (Parquet),
 <output>/_metrics.json (accuracy, precision/recall/F1 macro and weighted, per class,
 confusion matrix) and <output>/_confusion_matrix.png, and prints the summary with the
 full metrics. Exit status: 0 done, 1 bad input/model/output, 2 bad config.

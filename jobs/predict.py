@@ -7,8 +7,8 @@
 Writes <output>/*.parquet (the input columns + prediction, score) and <output>/_SUCCESS (the
 run summary, JSON); with label_column set also <output>/_metrics.json and
 _confusion_matrix.png. The output appears complete or not at all (written to a temp dir,
-row counts checked, renamed into place). Exit status: 0 done, 1 bad input/model/output,
-2 bad config.
+row counts checked, renamed into place), and replaces only an earlier bertray output. Exit
+status: 0 done, 1 bad input/model/output, 2 bad config (max_length above the model's too).
 """
 
 import sys

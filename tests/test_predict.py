@@ -229,13 +229,14 @@ def test_commit_without_rename_copies_then_marks_success(tmp_path):
     LocalFileSystem: a SubTreeFileSystem over a local directory."""
     import pyarrow.fs as pafs
 
-    from bertray.predict import commit
+    from bertray.storage import commit
 
     fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
-    for name, files in {"out": ["old-1.parquet", "old-2.parquet", SUCCESS_FILE], ".out.tmp-1": ["new.parquet"]}.items():
+    for name, files in {"out": ["old-1.parquet", "old-2.parquet"], ".out.tmp-1": ["new.parquet"]}.items():
         (tmp_path / name).mkdir()
         for f in files:
             (tmp_path / name / f).write_text(f"{name}/{f}")
+    (tmp_path / "out" / SUCCESS_FILE).write_text('{"rows_out": 2}')  # a previous bertray output
     (tmp_path / ".out.tmp-1" / SUCCESS_FILE).write_text("{}")
     with pytest.raises(OutputExistsError):
         commit(fs, ".out.tmp-1", "out", "error")
@@ -244,6 +245,74 @@ def test_commit_without_rename_copies_then_marks_success(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [SUCCESS_FILE, "new.parquet"]
     assert (tmp_path / "out" / "new.parquet").read_text() == ".out.tmp-1/new.parquet"
     assert not (tmp_path / ".out.tmp-1").exists()
+
+
+# ----------------------------------------------------------------------------- inputs and model defaults
+
+
+def test_dictionary_encoded_text_is_scored_like_plain_text(model_dir, trec_input, main_run, tmp_path):
+    _, df = trec_input
+    rows = df.head(40).assign(text=df["text"].head(40).astype("category"))  # null, empty, blank texts included
+    inp = _write(rows, tmp_path / "dict.parquet")
+    assert pa.types.is_dictionary(pq.read_schema(inp).field("text").type)
+    out = tmp_path / "out"
+    out.mkdir()  # an empty directory holds nothing to lose: it may be replaced
+    summary = predict(model_dir, inp, out, "amp=fp32", "all_scores=true", "batch_size=16")
+    assert summary["rows_out"] == 40 and summary["null_texts"] == 1 and summary["empty_texts"] == 3
+    written = pq.read_table(out).sort_by("id")
+    assert written.column("text").to_pylist() == list(rows["text"].astype(object).where(rows["text"].notna(), None))
+    plain = main_run[2].set_index("id").loc[list(range(40))]
+    scores = [c for c in plain.columns if c.startswith("score_")]
+    np.testing.assert_allclose(written.select(scores).to_pandas().to_numpy(), plain[scores].to_numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_evaluate_reads_csv_and_jsonl(model_dir, trec_input, main_run, tmp_path, fmt, capsys):
+    from sklearn.metrics import confusion_matrix
+
+    from bertray.cli import main
+
+    _, df = trec_input
+    rows = df.iloc[10:70][["id", "text", "label"]]
+    inp = tmp_path / f"test.{fmt}"
+    if fmt == "csv":
+        rows.to_csv(inp, index=False)
+    else:
+        rows.to_json(inp, orient="records", lines=True)
+    out = tmp_path / "eval"
+    argv = ["--config", str(CONFIG), f"model.path={model_dir}", f"input={inp}", f"output={out}",
+            f"max_length={MAX_LENGTH}", "amp=fp32"]
+    assert main("evaluate", PredictConfig, "bertray.predict:evaluate", argv) == 0, capsys.readouterr().err
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    written = pd.read_parquet(out).sort_values("id")
+    assert len(written) == metrics["num_examples"] == 60
+    assert list(written["text"]) == list(rows["text"])
+    names = metrics["labels"]
+    assert metrics["confusion_matrix"] == confusion_matrix(
+        written["label"].astype(str), written["prediction"], labels=names).tolist()
+    # the same rows, read from Parquet by the shared run, got the same predictions
+    assert list(written["prediction"]) == list(main_run[2].set_index("id").loc[rows["id"], "prediction"])
+
+
+def test_max_length_defaults_to_the_length_saved_with_the_model(model_dir, reference, data_root, tmp_path):
+    import dataclasses
+    import shutil
+
+    tok, id2label, probs = reference
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 16}))
+    df = pd.read_parquet(data_root / "sst2" / "validation.parquet").head(40)
+    inp = _write(df, tmp_path / "in.parquet")
+    cfg = dataclasses.replace(predict_config(model, inp, tmp_path / "out", "amp=fp32", "all_scores=true"),
+                              max_length=None)  # what the config means when max_length is unset
+    summary = run(cfg)
+    assert summary["max_length"] == 16
+    out = pd.read_parquet(tmp_path / "out")
+    names = [id2label[i] for i in range(len(id2label))]
+    expected = probs([tok(t, truncation=True, max_length=16)["input_ids"] for t in df["text"]])
+    np.testing.assert_allclose(out[[f"score_{n}" for n in names]].to_numpy(), expected, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- bad inputs

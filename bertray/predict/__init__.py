@@ -1,0 +1,122 @@
+"""Batch prediction and evaluation on Ray Data.
+
+    python jobs/predict.py --config configs/predict.yaml model.path=outputs/sst2/model
+    python jobs/evaluate.py --config configs/predict.yaml model.path=outputs/trec/model input=test.csv output=...
+
+Steps, all streaming (nothing materializes the dataset):
+
+1. Preflight (:mod:`.preflight`), on the driver, before Ray does any work: the output (it
+   may replace only a previous bertray output; ``on_existing=error`` refuses any existing
+   one), the model (a sequence classifier with safetensors weights; ``max_length`` defaults
+   to the length it was trained with), and every input file's Parquet footer: row counts,
+   text/label columns present, text is strings (dictionary-encoded too).
+2. Scan (:mod:`.scan`): one Ray task per file decodes every page, keeping nothing, counts
+   null/empty texts and labels, and names any damaged file; in evaluate mode unknown or null
+   labels fail here, with counts.
+3. Predict (:mod:`.predictor`): ``read (tasks) -> tokenize (CPU actors) -> predict (actors)
+   -> write`` into a staging directory; every task asks for a fraction of a CPU.
+4. Verify rows out = rows in, write the summary (and metrics, :mod:`.output`), commit
+   (:mod:`bertray.storage`).
+
+Nightly predict reads Parquet (a file, a directory with hive partitions kept, or a glob;
+local or object store); evaluate also reads CSV and JSONL. Text and label columns must be
+stored in the files (not hive keys). Null and empty texts are still scored, so rows in =
+rows out: a null text reaches the tokenizer as ``""`` (the model sees ``[CLS] [SEP]``) but
+the text column is written back unchanged (still null); ``null_texts`` and ``empty_texts``
+(null, empty or whitespace only) are counted in the summary.
+
+Nightly-safe output. ``{date}`` in ``output`` becomes ``date`` (default: today on the
+driver, YYYY-MM-DD). The output appears complete or not at all, and a failed run leaves the
+previous output as it was (see :mod:`bertray.storage` for object stores and leftovers of
+killed runs). On a multi-node cluster, local input and output paths must be on a filesystem
+every node mounts at the same path (NFS, a shared volume): read and write tasks run on any
+node, the commit on the driver. Otherwise use an object store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+
+from bertray import storage
+from bertray.config import PredictConfig
+from bertray.data import read_table
+from bertray.predict.output import (
+    CONFUSION_PNG,
+    METRICS_FILE,
+    summarize,
+    write_metrics,
+    write_predictions,
+    write_summary,
+)
+from bertray.predict.predictor import amp_name, build_predictions
+from bertray.predict.preflight import PredictError, check_input, check_resources, preflight, required_columns
+from bertray.predict.scan import check_labels, scan_input
+from bertray.storage import SUCCESS_FILE, OutputError, OutputExistsError
+
+__all__ = ["CONFUSION_PNG", "METRICS_FILE", "SUCCESS_FILE", "OutputError", "OutputExistsError", "PredictError",
+           "evaluate", "run"]
+
+log = logging.getLogger(__name__)
+PREDICT_FORMATS = ("parquet",)
+EVALUATE_FORMATS = ("parquet", "csv", "json")
+
+
+def run(cfg: PredictConfig, formats: tuple[str, ...] = PREDICT_FORMATS) -> dict:
+    """Predict (and evaluate when ``label_column`` is set); returns the summary written to ``_SUCCESS``.
+
+    Raises:
+        OutputExistsError, OutputError: the output exists and may not be replaced (checked before any work).
+        DataError: missing column, unreadable file, unknown labels.
+        PredictError: the model folder is not a safetensors sequence classifier, resources don't fit.
+        ConfigError: ``max_length`` above the model's positions.
+        RuntimeError: the written row count differs from the input's (nothing is committed).
+    """
+    from bertray.cluster import init_ray
+
+    started = time.perf_counter()
+    plan = preflight(cfg, formats)
+    init_ray()
+    check_resources(cfg)
+    _warn_stale(plan)
+    stats = scan_input(cfg.input, plan.files, plan.fmt, required_columns(cfg), plan.footer_rows)
+    if cfg.label_column:
+        check_labels(cfg.input, cfg.label_column, stats.labels, plan.model.label2id)
+    source = read_table(cfg.input, files=plan.files)  # the files the checks saw, not a new listing
+    check_input(source, cfg)
+    predictions = build_predictions(cfg, plan.model, source)
+    print(f"[bertray] predicting {stats.rows} rows from {len(plan.files)} file(s) with {plan.model.path} "
+          f"-> {plan.output}", flush=True)
+    with storage.staged(plan.fs, plan.final, plan.output) as stage:
+        rows_out, files_out = write_predictions(cfg, plan, predictions, stage, stats.rows)
+        metrics = write_metrics(cfg, plan, stage, rows_out) if cfg.label_column else None
+        summary = summarize(cfg, plan, stats, rows_out, files_out, metrics,
+                            time.perf_counter() - started, amp_name(cfg))
+        write_summary(stage, summary)
+        storage.commit(plan.fs, stage.path, plan.final, cfg.on_existing)
+    print(f"[bertray] wrote {rows_out} rows to {plan.output} in {summary['seconds']:.1f}s "
+          f"({summary['rows_per_s']} rows/s; empty texts: {summary['empty_texts']})"
+          + (f"; accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f}" if metrics else ""),
+          flush=True)
+    return summary
+
+
+def evaluate(cfg: PredictConfig) -> dict:
+    """:func:`run` in evaluate mode (``label_column`` defaults to ``label``) on Parquet, CSV or JSONL;
+    the summary gets the full metrics."""
+    if not cfg.label_column:
+        cfg = dataclasses.replace(cfg, label_column="label")
+    summary = run(cfg, EVALUATE_FORMATS)
+    fs, final = storage.filesystem(summary["output"])
+    with fs.open_input_stream(f"{final}/{METRICS_FILE}") as f:
+        summary["metrics"] = json.loads(f.read())
+    return summary
+
+
+def _warn_stale(plan) -> None:
+    stale = storage.stale_leftovers(plan.fs, plan.final)
+    if stale:
+        log.warning("leftovers of earlier killed runs (delete them when no run writes %s): %s", plan.output, stale)
+        print(f"[bertray] warning: leftovers of killed runs next to the output: {stale}", flush=True)
