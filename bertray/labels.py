@@ -41,30 +41,6 @@ def label_key(value) -> str:
     return str(label_value(value))
 
 
-def label_value(value) -> int | float | str:
-    """The canonical value of a raw label: numpy scalars unwrapped, bools and whole floats as ints.
-
-    ``label_key(v) == str(label_value(v))``; the value (not the key) orders numeric labels.
-    """
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def label_key(value) -> str:
-    """The one normalisation of a raw label into its ``label2id`` key, used by the label map,
-    the label counts and every check against the map.
-
-    ``1``, ``1.0``, ``"1"``, ``True`` and ``np.int64(1)`` give ``"1"``; ``False`` gives ``"0"``;
-    a float with a fraction keeps it (``0.5`` -> ``"0.5"``); strings are kept as they are.
-    """
-    return str(label_value(value))
-
-
 def build_label_map(labels: Iterable) -> tuple[dict[str, int], dict[int, str]]:
     """Return ``(label2id, id2label)`` for the distinct values of ``labels``.
 
