@@ -76,6 +76,11 @@ def _entries(uri: str) -> list[str]:
     return [Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(path))]
 
 
+def occupied(uri: str) -> bool:
+    """Whether ``uri`` exists with anything in it."""
+    return bool(_entries(uri))
+
+
 def read(uri: str) -> dict | None:
     """The saved record of the run in ``uri``, or None when there is none."""
     fs, path = _fs(uri)
