@@ -152,7 +152,7 @@ def test_rerun_rules_through_the_cli(ray_session, data_root, tmp_path, capsys):
     config = json.loads((out / "model" / "config.json").read_text())
     assert set(config["id2label"].values()) == {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}
 
-    status, err = _cli(capsys, *base, "scaling.num_workers=64")
+    status, err = _cli(capsys, *base, f"output_dir={tmp_path}/big", "scaling.num_workers=64")
     assert status == 1 and "scaling.num_workers=64" in err and "the cluster has 2 CPUs" in err
 
     status, err = _cli(capsys, *base, "data.max_train_rows=32", "fresh_start=true")
