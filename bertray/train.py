@@ -556,17 +556,41 @@ def run(cfg: RunConfig) -> TrainResult:
     rundir.check_labels(run_dir, sorted(prepared.label2id, key=prepared.label2id.get))
     print(f"[bertray] labels: {prepared.id2label}; training rows: {prepared.train_rows}"
           + (f"; dropped bad rows: {prepared.dropped_rows}" if prepared.dropped_rows else ""), flush=True)
-    try:
-        result = build_trainer(cfg, prepared).fit()
-    except KeyboardInterrupt:
-        # Checkpoints are persisted as they are reported: what was saved stays, and a rerun resumes.
-        raise Interrupted(f"training stopped; its checkpoints so far are saved in {run_dir}; "
-                          "re-run the same command to resume") from None
+    result = _fit(build_trainer(cfg, prepared), run_dir)
     if result.error:
         raise result.error
     out = export(result, cfg)
     rundir.mark(run_dir, "finished")
     return _report(out, cfg)
+
+
+def _fit(trainer: TorchTrainer, run_dir: str):
+    """``trainer.fit()``, where Ctrl-C raises :class:`Interrupted` (exit 130) within seconds.
+
+    In the main thread Ray Train installs its own SIGINT handler, whose abort ends in
+    ``sys.exit`` and exit status 1. Off the main thread it does not, so the main thread keeps
+    Python's KeyboardInterrupt; leaving then shuts Ray down, which stops the workers. Checkpoints
+    are persisted as they are reported, so the ones saved so far stay and a rerun resumes.
+    """
+    box: dict = {}
+
+    def fit():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the main thread  # noqa: BLE001
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="bertray-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        raise Interrupted(f"training stopped; the checkpoints saved so far are in {run_dir}; "
+                          "re-run the same command to resume") from None
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _report(out: TrainResult, cfg: RunConfig) -> TrainResult:
