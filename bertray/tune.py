@@ -147,8 +147,9 @@ def _claim(experiment: str, cfg: RunConfig) -> None:
     Resuming makes Ray unpickle ``tuner.pkl`` from the storage, which runs code: whoever can write
     the storage could run it here. So an existing search is never resumed implicitly.
     """
-    fix = (f"give a new name; or set tune.resume=true to resume it (Ray unpickles {experiment}/tuner.pkl: "
-           "only if you trust whoever can write that storage); or set fresh_start=true to delete it and start over")
+    resume = ("" if cfg.tune.resume else f"or set tune.resume=true to resume it (Ray unpickles "
+              f"{experiment}/tuner.pkl: only if you trust whoever can write that storage); ")
+    fix = f"give a new name; {resume}or set fresh_start=true to delete it and start over"
     if not cfg.fresh_start and not cfg.tune.resume and rundir.occupied(experiment):
         raise rundir.RunDirError(f"{experiment} already holds a search; {fix}")
     rundir.claim(experiment, rundir.fingerprint(cfg, rundir.TUNE_KEYS), cfg.fresh_start, "search", fix)
