@@ -81,6 +81,11 @@ def occupied(uri: str) -> bool:
     return bool(_entries(uri))
 
 
+def has_checkpoints(uri: str) -> bool:
+    """Whether an earlier attempt left checkpoints in ``uri`` (Ray Train names them checkpoint_*)."""
+    return any(name.startswith("checkpoint_") for name in _entries(uri))
+
+
 def read(uri: str) -> dict | None:
     """The saved record of the run in ``uri``, or None when there is none."""
     fs, path = _fs(uri)

@@ -550,7 +550,7 @@ def run(cfg: RunConfig) -> TrainResult:
               "(set fresh_start=true to train again from scratch)", flush=True)
         return _report(export(Result.from_path(run_dir), cfg), cfg)
     check_train_resources(cfg)
-    if previous == "running":
+    if previous == "running" and rundir.has_checkpoints(run_dir):
         print(f"[bertray] resuming the run in {run_dir} from its latest checkpoint", flush=True)
     prepared = prepare_data(cfg)
     rundir.check_labels(run_dir, sorted(prepared.label2id, key=prepared.label2id.get))
