@@ -37,6 +37,9 @@ def main(doc: str, cls, runner: str, argv=None) -> int:
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return e.exit_status
+    except KeyboardInterrupt:  # Ctrl-C before any work was saved: nothing to resume, nothing half-written
+        print("interrupted: stopped before training started; re-run the same command", file=sys.stderr)
+        return Interrupted.exit_status
     except BertrayError as e:  # the user's to fix; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return e.exit_status

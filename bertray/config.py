@@ -155,6 +155,9 @@ class TuneConfig:
     grace_period: int = 1
     """ASHA: epochs every trial runs before it can be stopped."""
     reduction_factor: int = 2
+    resume: bool = False
+    """Resume the search in ``<storage_path>/<name>-tune``. Ray unpickles ``tuner.pkl`` from there:
+    only set this when you trust whoever can write that storage."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,8 @@ class RunConfig:
     """Ray Train storage for checkpoints; default ``<output_dir>/ray``. Multi-node runs need shared storage."""
     name: str | None = None
     """Ray run name; default the last part of ``output_dir``. Same storage_path + name resumes."""
+    fresh_start: bool = False
+    """Delete the checkpoints of a previous run in ``<storage_path>/<name>`` and start over."""
 
 
 @dataclass(frozen=True)

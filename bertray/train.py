@@ -29,16 +29,17 @@ import ray
 import ray.train
 import torch
 import torch.nn.functional as F
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, Result, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
 from bertray import data as bdata
+from bertray import rundir
 from bertray.checkpoint import export_model, load_checkpoint, save_checkpoint
-from bertray.cluster import init_ray
+from bertray.cluster import check_train_resources, init_ray, train_request
 from bertray.config import RunConfig, config_from_dict, to_dict
 from bertray.dropout import FastDropout
-from bertray.errors import BertrayError
+from bertray.errors import BertrayError, Interrupted
 from bertray.labels import class_weights as balanced_weights
 from bertray.memory import keep_freed_memory
 from bertray.metrics import classification_metrics, confusion_matrix
@@ -455,18 +456,9 @@ class TrainResult:
 
 
 def worker_resources(cfg: RunConfig) -> dict:
-    """CPUs per training worker, leaving ``scaling.data_cpus`` to Ray Data."""
-    s = cfg.scaling
-    if s.cpus_per_worker is not None:
-        return {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        return {"CPU": 1}
-    total = ray.cluster_resources().get("CPU", 0)
-    share = (total - s.data_cpus) / s.num_workers
-    if share <= 0:
-        raise BertrayError(f"scaling: the cluster has {total:g} CPUs but scaling.data_cpus={s.data_cpus:g} leaves none for "
-                         f"{s.num_workers} training worker(s); lower scaling.data_cpus or scaling.num_workers")
-    return {"CPU": math.floor(share * 100) / 100}
+    """CPUs per training worker (cluster.train_request: the rule train, tune and the checks share)."""
+    per, _, _ = train_request(cfg, ray.cluster_resources().get("CPU", 0))
+    return {"CPU": per}
 
 
 def build_trainer(cfg: RunConfig, prepared: bdata.PreparedData, callbacks=()) -> TorchTrainer:
@@ -543,19 +535,65 @@ def _write_json(path: Path, obj) -> None:
 
 
 def run(cfg: RunConfig) -> TrainResult:
-    """Train, then export the best model. Re-running with the same output resumes."""
+    """Train, then export the best model. Re-running the same config resumes (see bertray.rundir)."""
     if "://" in cfg.output_dir:
         raise BertrayError(f"output_dir={cfg.output_dir}: give a local or shared-filesystem directory; "
                          "put object-store URIs in storage_path (checkpoints)")
+    rundir.check_output_dir(cfg.output_dir)
     bdata.check_inputs(cfg.data)
+    run_dir = f"{cfg.storage_path}/{cfg.name}"
+    previous = rundir.claim(run_dir, rundir.fingerprint(cfg), cfg.fresh_start)
     init_ray()
+    if previous == "finished":
+        # Nothing left to train: export again from the kept checkpoints, without starting workers.
+        print(f"[bertray] this run already finished in {run_dir}; re-exporting its best model "
+              "(set fresh_start=true to train again from scratch)", flush=True)
+        return _report(export(Result.from_path(run_dir), cfg), cfg)
+    check_train_resources(cfg)
+    if previous == "running" and rundir.has_checkpoints(run_dir):
+        print(f"[bertray] resuming the run in {run_dir} from its latest checkpoint", flush=True)
     prepared = prepare_data(cfg)
+    rundir.check_labels(run_dir, sorted(prepared.label2id, key=prepared.label2id.get))
     print(f"[bertray] labels: {prepared.id2label}; training rows: {prepared.train_rows}"
           + (f"; dropped bad rows: {prepared.dropped_rows}" if prepared.dropped_rows else ""), flush=True)
-    result = build_trainer(cfg, prepared).fit()
+    result = _fit(build_trainer(cfg, prepared), run_dir)
     if result.error:
         raise result.error
     out = export(result, cfg)
+    rundir.mark(run_dir, "finished")
+    return _report(out, cfg)
+
+
+def _fit(trainer: TorchTrainer, run_dir: str):
+    """``trainer.fit()``, where Ctrl-C raises :class:`Interrupted` (exit 130) within seconds.
+
+    In the main thread Ray Train installs its own SIGINT handler, whose abort ends in
+    ``sys.exit`` and exit status 1. Off the main thread it does not, so the main thread keeps
+    Python's KeyboardInterrupt; leaving then shuts Ray down, which stops the workers. Checkpoints
+    are persisted as they are reported, so the ones saved so far stay and a rerun resumes.
+    """
+    box: dict = {}
+
+    def fit():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the main thread  # noqa: BLE001
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="bertray-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        raise Interrupted(f"training stopped; the checkpoints saved so far are in {run_dir}; "
+                          "re-run the same command to resume") from None
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _report(out: TrainResult, cfg: RunConfig) -> TrainResult:
     print(f"[bertray] best model (epoch {out.metrics.get('epoch')}, {cfg.checkpoint.metric}="
           f"{out.metrics[cfg.checkpoint.metric]:.4f}) written to {out.model_dir}", flush=True)
     return out

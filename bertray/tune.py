@@ -3,7 +3,8 @@
 The search space lives in YAML (``tune.space``: dotted config key -> distribution).
 ASHA stops poor trials early on the per-epoch validation metric. At the end
 ``output_dir`` holds ``results.csv``, ``best_config.yaml``, ``best_model/`` and
-``tune_curves.png``. Re-running the same command resumes an interrupted search.
+``tune_curves.png``. An interrupted search resumes only with ``tune.resume=true``: Ray
+unpickles the experiment's ``tuner.pkl``, so it trusts whoever can write ``storage_path``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import threading
@@ -24,11 +24,12 @@ from ray.train import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from bertray import rundir
 from bertray.checkpoint import export_model
-from bertray.cluster import init_ray
+from bertray.cluster import check_train_resources, cpu_share_per_worker, init_ray
 from bertray.config import RunConfig, apply_overrides, config_from_dict, dump_yaml, to_dict
 from bertray.data import check_inputs
-from bertray.errors import Interrupted
+from bertray.errors import BertrayError, Interrupted
 from bertray.train import build_trainer, prepare_data
 
 SPACE_KEY = "overrides"
@@ -68,12 +69,12 @@ def trial_cpus_per_worker(cfg: RunConfig) -> float:
         return cfg.scaling.cpus_per_worker or 1
     total = ray.cluster_resources().get("CPU", 0)
     n = cfg.tune.max_concurrent_trials
-    share = (total - n * (cfg.scaling.data_cpus + TRIAL_CPUS)) / (n * cfg.scaling.num_workers)
+    share = cpu_share_per_worker(total, n * cfg.scaling.num_workers, n * (cfg.scaling.data_cpus + TRIAL_CPUS))
     if share <= 0:
-        raise ValueError(f"tune.max_concurrent_trials={n}: the cluster's {total:g} CPUs cannot hold {n} trial(s) of "
-                         f"{cfg.scaling.num_workers} worker(s) plus scaling.data_cpus={cfg.scaling.data_cpus:g} each; "
-                         "lower tune.max_concurrent_trials")
-    return math.floor(share * 100) / 100
+        raise BertrayError(f"tune.max_concurrent_trials={n}: the cluster's {total:g} CPUs cannot hold {n} trial(s) of "
+                           f"{cfg.scaling.num_workers} worker(s) plus scaling.data_cpus={cfg.scaling.data_cpus:g} "
+                           "each; lower tune.max_concurrent_trials")
+    return share
 
 
 def run_trial(config: dict, prepared=None) -> None:
@@ -100,6 +101,8 @@ def run(cfg: RunConfig) -> pd.DataFrame:
     if not cfg.tune.space:
         raise ValueError("tune.space is empty: name at least one key, e.g. train.lr: {loguniform: [1e-5, 1e-4]}")
     check_inputs(cfg.data)
+    experiment = f"{cfg.storage_path}/{cfg.name}-tune"  # the search state, beside the trials
+    _claim(experiment, cfg)
     init_ray()
     metric, mode = cfg.checkpoint.metric, "min" if cfg.checkpoint.metric == "loss" else "max"
     base = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, cpus_per_worker=trial_cpus_per_worker(cfg)))
@@ -109,10 +112,11 @@ def run(cfg: RunConfig) -> pd.DataFrame:
         from ray.tune.search.optuna import OptunaSearch  # optional dependency: pip install optuna
 
         search_alg = OptunaSearch()
-    experiment = f"{cfg.storage_path}/{cfg.name}-tune"  # the search state, beside the trials
+    check_train_resources(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, space={}),
+                                              scaling=base.scaling))  # one trial must fit
     prepared = prepare_data(cfg)
     trainable = tune.with_resources(tune.with_parameters(run_trial, prepared=prepared), {"CPU": TRIAL_CPUS})
-    if tune.Tuner.can_restore(experiment):
+    if cfg.tune.resume and tune.Tuner.can_restore(experiment):
         print(f"[bertray] resuming the search in {experiment}", flush=True)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     else:
@@ -131,8 +135,24 @@ def run(cfg: RunConfig) -> pd.DataFrame:
         grid = tuner.fit()
     if interrupted.is_set():
         raise Interrupted(f"the search stopped with its state saved in {experiment}; "
-                          "re-run the same command to resume it")
-    return summarize(grid, cfg, metric, mode)
+                          "re-run the same command with tune.resume=true to resume it")
+    table = summarize(grid, cfg, metric, mode)
+    rundir.mark(experiment, "finished")
+    return table
+
+
+def _claim(experiment: str, cfg: RunConfig) -> None:
+    """An experiment directory belongs to one search, resumed only on request (``tune.resume``).
+
+    Resuming makes Ray unpickle ``tuner.pkl`` from the storage, which runs code: whoever can write
+    the storage could run it here. So an existing search is never resumed implicitly.
+    """
+    resume = ("" if cfg.tune.resume else f"or set tune.resume=true to resume it (Ray unpickles "
+              f"{experiment}/tuner.pkl: only if you trust whoever can write that storage); ")
+    fix = f"give a new name; {resume}or set fresh_start=true to delete it and start over"
+    if not cfg.fresh_start and not cfg.tune.resume and rundir.occupied(experiment):
+        raise rundir.RunDirError(f"{experiment} already holds a search; {fix}")
+    rundir.claim(experiment, rundir.fingerprint(cfg, rundir.TUNE_KEYS), cfg.fresh_start, "search", fix)
 
 
 @contextlib.contextmanager
@@ -180,7 +200,7 @@ def summarize(grid, cfg: RunConfig, metric: str, mode: str) -> pd.DataFrame:
         trial_id = Path(result.path).name
         rows.append({"trial": trial_id, **values, f"best_{metric}": best, "epochs_run": epochs_run, "status": status})
         if metric in df:
-            curves[trial_id] = (df["epoch"].tolist(), df[metric].tolist())
+            curves[trial_label(values, trial_id)] = (df["epoch"].tolist(), df[metric].tolist())
     table = pd.DataFrame(rows).sort_values(f"best_{metric}", ascending=(mode == "min"))
     table.to_csv(out / "results.csv", index=False)
     _plot(curves, metric, out / "tune_curves.png")
@@ -204,15 +224,24 @@ def summarize(grid, cfg: RunConfig, metric: str, mode: str) -> pd.DataFrame:
     return table
 
 
+def trial_label(values: dict, trial_id: str = "") -> str:
+    """A trial named by its sampled values, ``lr=7.3e-05 epochs=2`` (the id only breaks ties)."""
+    parts = [f"{key.rsplit('.', 1)[-1]}={value:.2g}" if isinstance(value, float) else f"{key.rsplit('.', 1)[-1]}={value}"
+             for key, value in sorted(values.items())]
+    return " ".join(parts) or trial_id
+
+
 def _plot(curves: dict, metric: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for trial, (x, y) in curves.items():
-        ax.plot(x, y, marker="o", label=trial[-12:])
+        ax.plot(x, y, marker="o", label=trial)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole; no 1.5 ticks
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation {metric}")
     ax.legend(fontsize=7)

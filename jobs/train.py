@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python jobs/train.py --config configs/sst2.yaml output_dir=/shared/run1
 
 Writes <output_dir>/model (Hugging Face format), metrics.json and tensorboard/.
-Re-running the same command with the same output_dir resumes from the latest checkpoint.
+Re-running the same command resumes from the latest checkpoint; another config in the same
+output_dir is refused (fresh_start=true starts over).
 """
 
 import sys

@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python jobs/tune.py --config configs/tune_sst2.yaml output_dir=/shared/tune1
 
 Writes <output_dir>/results.csv, best_config.yaml, best_model/ and tune_curves.png.
-Re-running the same command with the same output_dir resumes an interrupted search.
+An interrupted search resumes only with tune.resume=true (Ray unpickles its tuner.pkl: trust the storage).
 """
 
 import sys
