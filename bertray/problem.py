@@ -262,6 +262,14 @@ class Problem:
         return {"problem_type": self.name, "num_labels": self.num_labels, "label2id": dict(self.label2id),
                 "id2label": {i: self.id2label[i] for i in range(self.num_labels)}}
 
+    def apply_to(self, config):
+        """Set :meth:`config_fields` on a ``transformers`` config (before the model is built
+        from it) and return it. ``AutoConfig.from_pretrained(**fields)`` would drop the keys
+        the config class does not declare, such as multi-label's ``threshold``."""
+        for key, value in self.config_fields().items():  # num_labels first: it resets the label maps
+            setattr(config, key, value)
+        return config
+
     def mode(self, metric: str) -> str:
         return self.metric_modes[metric]
 
@@ -412,7 +420,7 @@ class SingleLabel(Problem):
     def update_from_output(self, state: EvalState, truth, prediction, where: str = "data",
                            column: str = "label") -> None:
         """Add written predictions (label names) against true labels (raw values): evaluating output."""
-        want = torch.from_numpy(self.encode(truth, where, column).to_numpy())
+        want = torch.from_numpy(self.encode(truth, where, column).to_numpy(zero_copy_only=False).copy())
         got = pc.index_in(_combined(prediction), value_set=self._names())
         if got.null_count:
             raise ValueError("prediction column holds names outside the model's labels")
