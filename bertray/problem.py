@@ -128,6 +128,29 @@ def check_metric(problem_type: str, metric: str, key: str = "checkpoint.metric")
     return f"{key}={metric!r} is not a {problem_type} metric; use one of {sorted(modes)}"
 
 
+def metric_mode(metric: str) -> str:
+    """``"min"`` or ``"max"`` for a metric of any problem type (a name means the same everywhere)."""
+    for cls in _CLASSES.values():
+        if metric in cls.metric_modes:
+            return cls.metric_modes[metric]
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def scalar_metrics(metrics: Mapping) -> dict[str, float]:
+    """The numbers of a metrics dict (for Tune, history and TensorBoard): per-class tables and
+    the confusion matrix left out."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def headline(metrics: Mapping) -> str:
+    """A progress line's metrics: loss and the problem type's main figures, in a fixed order."""
+    shown = [k for k in _HEADLINE if k in metrics]
+    return " ".join(f"{k}={metrics[k]:.4f}" for k in shown)
+
+
+_HEADLINE = ("loss", "accuracy", "f1_macro", "f1_micro", "threshold", "rmse", "pearson", "spearman")
+
+
 def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
@@ -425,7 +448,7 @@ class SingleLabel(Problem):
         if got.null_count:
             raise ValueError("prediction column holds names outside the model's labels")
         n = self.num_labels
-        state.sums[:n * n] += torch.bincount(want * n + torch.from_numpy(got.to_numpy()).long(),
+        state.sums[:n * n] += torch.bincount(want * n + torch.tensor(got.to_numpy(), dtype=torch.int64),
                                              minlength=n * n).double().to(state.sums.device)
 
     def metrics(self, state: EvalState) -> dict:

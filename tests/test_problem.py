@@ -66,6 +66,17 @@ def test_metric_names_and_directions():
     assert P.metric_modes(P.MULTI)["f1_macro"] == "max"
 
 
+def test_metric_mode_scalars_and_headline():
+    assert P.metric_mode("loss") == "min" and P.metric_mode("spearman") == "max"
+    assert P.metric_mode("hamming_loss") == "min" and P.metric_mode("f1_macro") == "max"
+    with pytest.raises(ValueError, match="unknown metric 'nope'"):
+        P.metric_mode("nope")
+    m = {"loss": 0.5, "f1_micro": 0.75, "threshold": 0.4, "num_examples": 3, "per_class": {"a": {}},
+         "confusion_matrix": [[1]]}
+    assert P.scalar_metrics(m) == {"loss": 0.5, "f1_micro": 0.75, "threshold": 0.4, "num_examples": 3.0}
+    assert P.headline(m) == "loss=0.5000 f1_micro=0.7500 threshold=0.4000"
+
+
 # ----------------------------------------------------------------------------- labels
 
 
