@@ -293,6 +293,11 @@ class Problem:
             setattr(config, key, value)
         return config
 
+    def with_metrics(self, metrics: Mapping) -> Problem:
+        """The problem as an evaluation left it: multi-label takes the tuned ``threshold``
+        (written into each checkpoint's config), the others are unchanged."""
+        return self
+
     def mode(self, metric: str) -> str:
         return self.metric_modes[metric]
 
@@ -528,6 +533,9 @@ class MultiLabel(Problem):
     def with_labels(self, stats: LabelStats) -> MultiLabel:
         label2id, _ = build_label_map(stats.counts)
         return MultiLabel(label2id, self.separator, self.threshold, self.grid)
+
+    def with_metrics(self, metrics: Mapping) -> MultiLabel:
+        return MultiLabel(self.label2id, self.separator, metrics.get("threshold", self.threshold), self.grid)
 
     def with_threshold(self, threshold: float) -> MultiLabel:
         """Evaluation at one fixed ``threshold`` (predict's evaluate): no search."""

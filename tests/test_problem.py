@@ -290,6 +290,18 @@ def test_threshold_search_picks_the_best_and_breaks_ties_toward_one_half():
     assert m["f1_micro"] == 1.0 and 0.20 < m["threshold"] <= 0.25
 
 
+def test_the_tuned_threshold_goes_into_the_model_config():
+    from transformers import BertConfig
+
+    p = P.make(P.MULTI, {"a": 0, "b": 1})
+    config = p.with_metrics({"f1_micro": 0.8, "threshold": 0.31}).apply_to(BertConfig())
+    assert (config.problem_type, config.num_labels, config.threshold) == (P.MULTI, 2, 0.31)
+    assert config.id2label == {0: "a", 1: "b"}
+    assert P.from_model_config(config).threshold == 0.31
+    single = P.make(P.SINGLE, {"a": 0, "b": 1})
+    assert single.with_metrics({"accuracy": 1.0}) is single
+
+
 def test_fixed_threshold_evaluation_of_written_output():
     logits, hot = _multilabel_data(5, n=60, k=3)
     p = P.make(P.MULTI, {"a": 0, "b": 1, "c": 2}, threshold=0.37)
