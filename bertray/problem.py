@@ -298,6 +298,11 @@ class Problem:
         (written into each checkpoint's config), the others are unchanged."""
         return self
 
+    def for_output(self) -> Problem:
+        """The problem that evaluates written output (:meth:`update_from_output`): multi-label
+        at its one threshold, the others as they are."""
+        return self
+
     def mode(self, metric: str) -> str:
         return self.metric_modes[metric]
 
@@ -540,6 +545,9 @@ class MultiLabel(Problem):
     def with_threshold(self, threshold: float) -> MultiLabel:
         """Evaluation at one fixed ``threshold`` (predict's evaluate): no search."""
         return MultiLabel(self.label2id, self.separator, threshold, (threshold,))
+
+    def for_output(self) -> MultiLabel:
+        return self.with_threshold(self.threshold)
 
     def config_fields(self) -> dict:
         return {**super().config_fields(), "threshold": self.threshold}

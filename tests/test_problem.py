@@ -307,7 +307,8 @@ def test_fixed_threshold_evaluation_of_written_output():
     p = P.make(P.MULTI, {"a": 0, "b": 1, "c": 2}, threshold=0.37)
     cols = p.output_columns(p.scores(logits).numpy())
     truth = pa.array([[p.id2label[i] for i in np.flatnonzero(row)] for row in hot.numpy()])
-    fixed = p.with_threshold(p.threshold)
+    fixed = p.for_output()
+    assert fixed.grid == (0.37,)
     state = fixed.new_state()
     fixed.update_from_output(state, truth, cols["prediction"])
     m = fixed.metrics(state)
@@ -318,7 +319,7 @@ def test_fixed_threshold_evaluation_of_written_output():
 
 
 def test_single_label_evaluation_of_written_output():
-    p = P.make(P.SINGLE, {"neg": 0, "pos": 1})
+    p = P.make(P.SINGLE, {"neg": 0, "pos": 1}).for_output()
     state = p.new_state()
     p.update_from_output(state, pa.array(["pos", "neg", "pos"]), pa.array(["pos", "pos", "pos"]))
     m = p.metrics(state)
