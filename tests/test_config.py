@@ -18,6 +18,7 @@ from bertray.config import (
     RunConfig,
     apply_overrides,
     config_from_dict,
+    dump_yaml,
     load_config,
     to_dict,
 )
@@ -241,6 +242,13 @@ def test_good_search_space_passes():
              "scaling.num_workers": {"choice": [1, 64]}}  # 64 workers: the cluster check's, not the schema's
     cfg = load_config(SMOKE, [f"tune.space={json.dumps(space)}"])
     assert set(cfg.tune.space) == set(space)
+
+
+def test_dump_yaml_round_trips(tmp_path):
+    # tune writes best_config.yaml this way; jobs/train.py must take it back unchanged.
+    cfg = apply_overrides(load_config(ROOT / "configs" / "tune_sst2.yaml"), {"train.lr": 7.3e-5, "tune.space": {}})
+    dump_yaml(cfg, tmp_path / "best.yaml", header="# python jobs/train.py --config best.yaml")
+    assert load_config(tmp_path / "best.yaml") == cfg
 
 
 def test_apply_overrides_revalidates():
