@@ -23,3 +23,8 @@ class Interrupted(BertrayError):
     """A run stopped before its end with its state saved; re-running the command resumes it."""
 
     exit_status = 130
+
+
+class NonFiniteError(BertrayError):
+    """Training diverged: its loss or its weights became NaN or infinite. Nothing from that
+    point on is saved as a checkpoint or exported."""

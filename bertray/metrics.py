@@ -11,6 +11,27 @@ from collections.abc import Mapping
 
 import numpy as np
 
+LOWER_IS_BETTER = frozenset({"loss"})
+"""Metrics for which a smaller value is better; every other metric is better larger."""
+
+
+def metric_mode(name: str) -> str:
+    """``"min"`` or ``"max"``: how ``name`` ranks (Ray Tune's ``mode``, Ray Train's ``checkpoint_score_order``)."""
+    return "min" if name in LOWER_IS_BETTER or name.endswith("loss") else "max"
+
+
+def is_better(name: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of metric ``name`` beats ``best`` (None: nothing yet, so it does).
+
+    Strictly better only: an equal value does not replace the earlier one. A NaN is never
+    better (and any value beats a NaN best).
+    """
+    if value != value:  # NaN
+        return False
+    if best is None or best != best:
+        return True
+    return value < best if metric_mode(name) == "min" else value > best
+
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> np.ndarray:
     """Rows are true labels, columns predictions (scikit-learn's layout)."""

@@ -124,7 +124,7 @@ def test_split_is_deterministic_disjoint_and_stratified(data_root):
 
 
 def test_training_batches_bucket_by_length_and_change_every_epoch(data_root):
-    from bertray.train import iterate
+    from bertray.batches import iterate
 
     cfg = DataConfig(train=str(data_root / "sst2" / "validation.parquet"), validation=str(data_root / "sst2" / "validation.parquet"))
     ds = prepare(cfg, "default", 128, seed=0).train

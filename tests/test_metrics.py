@@ -30,3 +30,22 @@ def test_sharded_counts_sum_to_the_whole():
     y, p = rng.integers(0, 3, 101), rng.integers(0, 3, 101)
     shards = [confusion_matrix(y[i::2], p[i::2], 3) for i in range(2)]
     assert np.array_equal(sum(shards), confusion_matrix(y, p, 3))
+
+
+@pytest.mark.parametrize(("name", "mode"), [("loss", "min"), ("eval_loss", "min"), ("accuracy", "max"),
+                                            ("f1_macro", "max"), ("f1_weighted", "max")])
+def test_metric_mode(name, mode):
+    from bertray.metrics import metric_mode
+
+    assert metric_mode(name) == mode
+
+
+def test_is_better_ranks_by_the_metric_and_never_prefers_nan():
+    from bertray.metrics import is_better
+
+    assert is_better("accuracy", 0.5, None) and is_better("loss", 9.0, None)
+    assert is_better("accuracy", 0.6, 0.5) and not is_better("accuracy", 0.5, 0.6)
+    assert is_better("loss", 0.4, 0.5) and not is_better("loss", 0.6, 0.5)
+    assert not is_better("accuracy", 0.5, 0.5) and not is_better("loss", 0.5, 0.5)  # equal keeps the earlier
+    assert not is_better("loss", float("nan"), 0.5) and not is_better("loss", float("nan"), None)
+    assert is_better("loss", 0.5, float("nan"))

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from bertray.batches import Prefetch, Timed
+from bertray.loop import param_groups
 from bertray.modeling import AttentionSwitch, load_classifier, load_tokenizer
-from bertray.train import Prefetch, Timed, _param_groups
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_timed_counts_only_the_wait_for_items():
 
 
 def test_layer_lr_decay_scales_each_layer_from_the_head_down(model):
-    groups = _param_groups(model, 0.01, 1e-4, 0.5)
+    groups = param_groups(model, 0.01, 1e-4, 0.5)
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     assert sorted(map(id, model.parameters())) == sorted(lr_of)  # every parameter exactly once
     params = dict(model.named_parameters())
@@ -80,4 +81,4 @@ def test_layer_lr_decay_scales_each_layer_from_the_head_down(model):
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert id(params["bert.encoder.layer.0.output.LayerNorm.weight"]) in no_decay
     assert id(params["bert.encoder.layer.0.output.dense.weight"]) not in no_decay
-    assert {g["lr"] for g in _param_groups(model, 0.01, 1e-4)} == {1e-4}  # 1.0: off
+    assert {g["lr"] for g in param_groups(model, 0.01, 1e-4)} == {1e-4}  # 1.0: off

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+import torch
+from safetensors.torch import save
 
 from bertray import storage
 from bertray.checkpoint import STATE_FILES, export_model
@@ -125,7 +127,11 @@ def test_stale_leftovers_are_reported(tmp_path):
 # ----------------------------------------------------------------------------- model export
 
 
-def checkpoint(path: Path, weights: bytes = b"weights-1") -> Path:
+def weights(value: float) -> bytes:
+    return save({"w": torch.full((2,), value)})
+
+
+def checkpoint(path: Path, weights: bytes = weights(1.0)) -> Path:
     path.mkdir(parents=True)
     (path / "config.json").write_text('{"architectures": ["BertForSequenceClassification"]}')
     (path / "model.safetensors").write_bytes(weights)
@@ -139,10 +145,10 @@ def test_export_replaces_the_previous_model_whole_and_leaves_no_siblings(tmp_pat
     dest = tmp_path / "run" / "model"
     export_model(checkpoint(tmp_path / "ckpt-1"), dest)
     assert tree(dest) == {"config.json": b'{"architectures": ["BertForSequenceClassification"]}',
-                          "model.safetensors": b"weights-1", "tokenizer.json": b"{}"}
+                          "model.safetensors": weights(1.0), "tokenizer.json": b"{}"}
     (dest / "extra-from-old-model.txt").write_text("old")
-    export_model(checkpoint(tmp_path / "ckpt-2", b"weights-2"), dest)
-    assert (dest / "model.safetensors").read_bytes() == b"weights-2"
+    export_model(checkpoint(tmp_path / "ckpt-2", weights(2.0)), dest)
+    assert (dest / "model.safetensors").read_bytes() == weights(2.0)
     assert not (dest / "extra-from-old-model.txt").exists()
     assert not hidden_siblings(dest)
 
@@ -166,3 +172,14 @@ def test_export_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path):
     with pytest.raises(OutputError, match="did not write"):
         export_model(checkpoint(tmp_path / "ckpt"), dest)
     assert tree(dest) == {"notes.txt": b"mine"}
+
+
+def test_export_refuses_non_finite_weights_and_keeps_the_previous_model(tmp_path):
+    from bertray.errors import NonFiniteError
+
+    dest = tmp_path / "model"
+    export_model(checkpoint(tmp_path / "ckpt-1"), dest)
+    with pytest.raises(NonFiniteError, match="non-finite weights"):
+        export_model(checkpoint(tmp_path / "ckpt-2", weights(float("nan"))), dest)
+    assert (dest / "model.safetensors").read_bytes() == weights(1.0)
+    assert not hidden_siblings(dest)
