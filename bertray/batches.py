@@ -2,7 +2,7 @@
 
 A shard is anything with Ray Data's ``iter_batches(batch_size=, batch_format="pyarrow",
 prefetch_batches=)`` (a ``DataIterator`` in a Ray Train worker); its rows are tokenized
-(``input_ids`` list<int32>, optional ``labels`` int64).
+(``input_ids`` list<int32>, optional ``token_type_ids`` and ``labels``).
 """
 
 from __future__ import annotations
@@ -19,14 +19,22 @@ import torch
 from bertray.tokenization import length_order, pad_flat, pad_multiple
 
 
-def collate(table: pa.Table, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """A batch for ``model(**batch)``: ``input_ids``, ``attention_mask`` (and ``labels``) on ``device``."""
+def collate(table: pa.Table, pad_id: int, device: torch.device, problem=None) -> dict[str, torch.Tensor]:
+    """A batch for ``model(**batch)``: ``input_ids``, ``attention_mask`` (``token_type_ids`` for
+    pairs, ``labels`` when present: ``problem.batch_labels``, default class ids) on ``device``."""
     ids = table.column("input_ids").combine_chunks()
-    input_ids, attention_mask = pad_flat(ids.values.to_numpy(), ids.offsets.to_numpy(), pad_id,
-                                         pad_multiple(device.type))
+    offsets = ids.offsets.to_numpy()
+    multiple = pad_multiple(device.type)
+    input_ids, attention_mask = pad_flat(ids.values.to_numpy(), offsets, pad_id, multiple)
     batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+    if "token_type_ids" in table.column_names:
+        types = table.column("token_type_ids").combine_chunks()  # the same row lengths as input_ids
+        batch["token_type_ids"] = torch.from_numpy(
+            pad_flat(types.values.to_numpy(), types.offsets.to_numpy(), 0, multiple)[0])
     if "labels" in table.column_names:
-        batch["labels"] = torch.tensor(table.column("labels").to_numpy())  # a copy: Arrow's buffers are read-only
+        column = table.column("labels")
+        # a copy: Arrow's buffers are read-only
+        batch["labels"] = problem.batch_labels(column) if problem is not None else torch.tensor(column.to_numpy())
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

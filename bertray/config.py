@@ -89,7 +89,12 @@ class DataConfig:
     text_column: Text = "text"
     """The column holding the text."""
     label_column: Text = "label"
-    """The column holding the label."""
+    """The column holding the label: a class, a number (regression) or a list of labels (multi-label)."""
+    text_pair_column: Text | None = None
+    """The second text of a pair (paraphrase, NLI, similarity): each row is tokenized as
+    ``[CLS] text [SEP] text_pair [SEP]`` with ``token_type_ids``, truncated ``longest_first``."""
+    label_separator: Text | None = None
+    """Multi-label from a string column: split each label on this string (``"a|b"`` with ``|``)."""
     drop_bad_rows: bool = False
     """False: null/empty text or null label is an error naming file, column and count. True: drop and report."""
     validation_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.1
@@ -119,6 +124,10 @@ class ModelConfig:
     """Off unless you trust the model repository: it runs the repository's Python code."""
     dropout: Annotated[Float, Field(ge=0, lt=1)] | None = None
     """Override hidden and attention dropout; None keeps the model's own."""
+    problem_type: Literal["auto", "single_label_classification", "multi_label_classification", "regression"] = "auto"
+    """What a row's label is (Hugging Face's names, written to ``config.json``). ``auto``: a
+    list column (or ``data.label_separator`` set) is multi-label, a float column regression,
+    anything else single-label."""
 
 
 @schema
@@ -158,8 +167,10 @@ class TrainConfig:
 
 @schema
 class CheckpointConfig:
-    metric: Literal["accuracy", "f1_macro", "f1_weighted", "loss"] = "accuracy"
-    """Validation metric that ranks checkpoints, picks the best model and drives early stopping."""
+    metric: Text | None = None
+    """Validation metric that ranks checkpoints, picks the best model and drives early stopping
+    (and Tune's metric). None: the problem type's default (accuracy, f1_micro, mse). Names:
+    ``bertray.problem.metric_modes``; lower is better for loss, mse, rmse, mae, hamming_loss."""
     num_to_keep: PosInt = 2
     every_n_steps: PosInt | None = None
     """Also checkpoint mid-epoch every N optimizer steps (None: once per epoch)."""
@@ -229,6 +240,10 @@ class RunConfig:
         if self.train.amp == "fp16" and not self.scaling.use_gpu:
             problems.append("train.amp=fp16 needs scaling.use_gpu=true (fp16 with a GradScaler is a GPU mode); "
                             "use bf16 or fp32 on CPU")
+        problems += metric_problems(self.model.problem_type, self.checkpoint.metric)
+        if self.data.text_pair_column is not None and self.data.text_pair_column == self.data.text_column:
+            problems.append(f"data.text_pair_column={self.data.text_pair_column!r} is also data.text_column; "
+                            "name the column with the second text of each pair")
         problems += validate_search_space(self.tune, self)
         if info.context == LOAD:
             problems += _max_length_problems("train.max_length", self.train.max_length, self.model.name)
@@ -265,8 +280,15 @@ class PredictConfig:
     date: Annotated[str, BeforeValidator(_iso_date)] | None = None
     text_column: Text = "text"
     """The column holding the text."""
+    text_pair_column: Text | None = None
+    """The second text of a pair, for a model trained with ``data.text_pair_column``."""
     label_column: str | None = None
-    """When set, evaluate: write metrics.json and confusion_matrix.png next to the output."""
+    """When set, evaluate: write metrics.json and a plot (confusion matrix, per-label F1 or
+    predicted-vs-true scatter) next to the output."""
+    label_separator: Text | None = None
+    """Evaluating a multi-label model on a string label column: split it on this string."""
+    threshold: Annotated[Float, Field(gt=0, lt=1)] | None = None
+    """Multi-label: predict the labels scoring at least this; None: the threshold tuned in training."""
     on_existing: Literal["overwrite", "error"] = "overwrite"
     """An existing output is replaced atomically (``overwrite``) or refused (``error``)."""
     max_length: Annotated[StrictInt, Field(ge=8, le=8192)] | None = None
@@ -297,6 +319,9 @@ class PredictConfig:
             problems.append("input is required: a Parquet file, directory or glob")
         if not self.output:
             problems.append("output is required: a directory for the predictions (may contain {date})")
+        if self.text_pair_column is not None and self.truncation != "head":
+            problems.append(f"truncation={self.truncation}: pairs are truncated longest_first; "
+                            "use truncation=head with text_pair_column")
         if info.context == LOAD and self.max_length is not None:
             problems += _max_length_problems("max_length", self.max_length, self.model.path)
         return _raise_if(self, problems)
@@ -306,6 +331,22 @@ class PredictConfig:
         root = _abs(self.data_root or default_data_root())
         return dataclasses.replace(self, data_root=root, input=_abs(self.input.replace("{data_root}", root)),
                                    model=dataclasses.replace(self.model, path=_abs(self.model.path)))
+
+
+def metric_problems(problem_type: str, metric: str | None, key: str = "checkpoint.metric") -> list[str]:
+    """``metric`` must be a metric of ``problem_type``; with ``auto`` (the type is known only
+    once the label column is read: checked again then) of some problem type."""
+    from bertray import problem  # lazily: problem imports torch
+
+    if metric is None:
+        return []
+    if problem_type != "auto":
+        found = problem.check_metric(problem_type, metric, key)
+        return [found] if found else []
+    known = {name for t in problem.PROBLEM_TYPES for name in problem.metric_modes(t)}
+    if metric not in known:
+        return [f"{key}={metric!r} is no metric bertray computes; use one of {sorted(known)}"]
+    return []
 
 
 def _raise_if(cfg, problems: list[str]):

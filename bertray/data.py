@@ -21,19 +21,14 @@ import ray
 import ray.data
 from ray.data import ActorPoolStrategy
 
+from bertray import problem as bproblem
 from bertray.columns import is_text_type, missing_column, text_stats, usable_text
 from bertray.config import DataConfig
 from bertray.errors import DataError
 from bertray.filecheck import find_first_bad_line
-from bertray.labels import (
-    build_label_map,
-    check_classes,
-    encode_labels,
-    label_key,
-    label_value,
-    similar_labels,
-)
+from bertray.labels import check_classes, similar_labels
 from bertray.paths import list_files
+from bertray.problem import LabelStats, Problem
 from bertray.tokenization import encode_flat
 
 log = logging.getLogger(__name__)
@@ -159,14 +154,19 @@ def check_columns(ds: ray.data.Dataset, path: str, required: dict[str, str]) -> 
 @dataclass
 class ScanReport:
     rows: int
-    usable_rows: int  # rows with a text and a label (both sides of a holdout split)
-    label_counts: dict  # label_value -> usable rows (with a holdout: its training side only)
-    bad: dict  # file -> {"null_text": n, "empty_text": n, "null_label": n}
-    text_types: dict  # file -> Arrow type of a text column that does not hold text
+    usable_rows: int  # rows with a text (and pair) and a good label (both sides of a holdout split)
+    labels: LabelStats  # the usable rows' labels (with a holdout: its training side only)
+    bad: dict  # file -> {"null_text": n, "empty_text": n, ..., "null_label": n}
+    text_types: dict  # file -> [column, Arrow type] of a text column that does not hold text
+    whole_values: list | None = None  # regression: the distinct labels while all are whole numbers (≤ 21)
 
     @property
     def bad_rows(self) -> int:
         return self.rows - self.usable_rows
+
+    @property
+    def label_counts(self) -> dict:
+        return self.labels.counts
 
 
 def _has_label(col: pa.ChunkedArray | pa.Array):
@@ -177,66 +177,117 @@ def _has_label(col: pa.ChunkedArray | pa.Array):
     return present
 
 
-def _file_summary(batch: pa.Table, text_col: str, label_col: str) -> dict:
+def _good_label(col, problem: Problem):
+    """Present, and usable for the problem type (regression: finite; multi-label: no null element)."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return pc.and_(_has_label(col), pa.array(~problem.bad_labels(col)))
+
+
+def _text_columns(cfg: DataConfig) -> dict[str, str]:
+    """Kind prefix in the scan's counts -> text column: ``text`` and, for pairs, ``text_pair``."""
+    return {"text": cfg.text_column, **({"text_pair": cfg.text_pair_column} if cfg.text_pair_column else {})}
+
+
+def _file_summary(batch: pa.Table, texts: dict[str, str], label_col: str, problem: Problem) -> dict:
     summary = {}
     paths = batch.column("path")
     for path in pc.unique(paths).to_pylist():
         part = batch.filter(pc.equal(paths, path))
-        nulls, empties = text_stats(part.column(text_col))
-        label = part.column(label_col)
-        summary[path] = {"rows": part.num_rows, "null_text": nulls, "empty_text": empties,
-                         "null_label": part.num_rows - int(pc.sum(_has_label(label)).as_py() or 0)}
+        counts = {"rows": part.num_rows}
+        for kind, col in texts.items():
+            counts[f"null_{kind}"], counts[f"empty_{kind}"] = text_stats(part.column(col))
+        good = _good_label(part.column(label_col), problem)
+        counts["null_label"] = part.num_rows - int(pc.sum(good).as_py() or 0)
+        summary[path] = counts
     return summary
 
 
-def _summarize(batch: pa.Table, text_col: str, label_col: str, holdout: tuple[float, int] | None) -> pa.Table:
-    text = batch.column(text_col)
-    if not is_text_type(text.type):
-        wrong = {p: str(text.type) for p in pc.unique(batch.column("path")).to_pylist()}
-        return pa.table({"summary": [json.dumps({"files": {}, "usable": 0, "labels": [], "text_types": wrong})]})
-    usable = pc.and_(usable_text(text), _has_label(batch.column(label_col)))
+def _whole_values(col: pa.Array) -> list | None:
+    """Up to 21 distinct values of a numeric column while all are whole numbers, else None."""
+    if not pa.types.is_floating(col.type) or len(col) == 0:
+        return None
+    x = np.unique(col.to_numpy(zero_copy_only=False))
+    if len(x) > 21 or not np.all(x == np.round(x)):
+        return None
+    return x.tolist()
+
+
+def _usable(batch: pa.Table, texts: dict[str, str], label_col: str, problem: Problem):
+    usable = _good_label(batch.column(label_col), problem)
+    for col in texts.values():
+        usable = pc.and_(usable, usable_text(batch.column(col)))
+    return usable
+
+
+def _summarize(batch: pa.Table, texts: dict[str, str], label_col: str, holdout: tuple[float, int] | None,
+               problem: Problem) -> pa.Table:
+    wrong = [[c, str(batch.column(c).type)] for c in texts.values() if not is_text_type(batch.column(c).type)]
+    if wrong:
+        typed = {p: wrong[0] for p in pc.unique(batch.column("path")).to_pylist()}
+        return pa.table({"summary": [json.dumps({"files": {}, "usable": 0, "labels": LabelStats().to_json(),
+                                                 "text_types": typed, "whole": None})]})
+    usable = _usable(batch, texts, label_col, problem)
     keep = usable
     if holdout is not None:
         # Count only the rows hash_split keeps for training, so counts are exact.
+        text_col = texts["text"]
         side = _hash_fraction(batch.select([text_col]).to_pandas()[text_col], holdout[1]) >= holdout[0]
         keep = pc.and_(keep, pa.array(side))
-    counts = pc.value_counts(batch.column(label_col).filter(keep)).to_pylist()
-    summary = {"files": _file_summary(batch, text_col, label_col), "usable": int(pc.sum(usable).as_py() or 0),
-               "labels": [[label_value(c["values"]), c["counts"]] for c in counts], "text_types": {}}
+    labels = batch.column(label_col).filter(keep).combine_chunks()
+    summary = {"files": _file_summary(batch, texts, label_col, problem), "usable": int(pc.sum(usable).as_py() or 0),
+               "labels": problem.label_stats(labels).to_json(), "text_types": {}, "whole": _whole_values(labels)}
     return pa.table({"summary": [json.dumps(summary)]})
 
 
-def scan(ds: ray.data.Dataset, text_col: str, label_col: str, holdout: tuple[float, int] | None = None) -> ScanReport:
-    """One pass over text and label: row count, label counts, bad rows per file, text columns
-    that are not text.
+def _merge_whole(a: list | None, b: list | None, first: bool) -> list | None:
+    if first:
+        return b
+    if a is None or b is None:
+        return None
+    merged = sorted(set(a) | set(b))
+    return merged if len(merged) <= 21 else None
 
+
+def scan(ds: ray.data.Dataset, text_col: str | dict[str, str], label_col: str,
+         holdout: tuple[float, int] | None = None, problem: Problem | None = None) -> ScanReport:
+    """One pass over texts and label: row count, label statistics (``problem.label_stats``),
+    bad rows per file, text columns that are not text.
+
+    ``text_col``: the text column, or ``{"text": column, "text_pair": column}`` for pairs.
+    ``problem``: the problem type, without labels yet (default: single-label).
     With ``holdout=(fraction, seed)`` the label counts cover only the training side of
     :func:`hash_split`.
     """
+    texts = {"text": text_col} if isinstance(text_col, str) else dict(text_col)
+    problem = problem or bproblem.make(bproblem.SINGLE)
     summaries = ds.map_batches(_summarize, batch_format="pyarrow", batch_size=8192, num_cpus=TASK_CPUS,
-                               fn_kwargs={"text_col": text_col, "label_col": label_col, "holdout": holdout})
-    report = ScanReport(rows=0, usable_rows=0, label_counts={}, bad={}, text_types={})
+                               fn_kwargs={"texts": texts, "label_col": label_col, "holdout": holdout,
+                                          "problem": problem})
+    report = ScanReport(rows=0, usable_rows=0, labels=LabelStats(), bad={}, text_types={})
+    first = True
     for row in summaries.iter_rows():
         s = json.loads(row["summary"])
         for path, c in s["files"].items():
             report.rows += c.pop("rows")
-            agg = report.bad.setdefault(path, {"null_text": 0, "empty_text": 0, "null_label": 0})
+            agg = report.bad.setdefault(path, dict.fromkeys(c, 0))
             for k, v in c.items():
                 agg[k] += v
         report.usable_rows += s["usable"]
-        for value, n in s["labels"]:
-            report.label_counts[value] = report.label_counts.get(value, 0) + n
+        report.labels = report.labels + LabelStats.from_json(s["labels"])
+        report.whole_values = _merge_whole(report.whole_values, s["whole"], first)
         report.text_types.update(s["text_types"])
+        first = False
     report.bad = {p: c for p, c in report.bad.items() if sum(c.values())}
     return report
 
 
 def bad_rows_message(report: ScanReport, cfg: DataConfig) -> str:
     lines = []
+    columns = {"label": cfg.label_column, "text": cfg.text_column, "text_pair": cfg.text_pair_column}
     for path, c in sorted(report.bad.items()):
         for kind, n in c.items():
             if n:
-                col = cfg.label_column if kind == "null_label" else cfg.text_column
+                col = columns[kind.split("_", 1)[1]]
                 lines.append(f"{path}: {n} row(s) with {kind.replace('_', ' ')} in column {col!r}")
     return "; ".join(lines)
 
@@ -247,9 +298,11 @@ def _text_type_message(report: ScanReport, fmt: str, cfg: DataConfig) -> str:
         problem = find_first_bad_line(files, fmt)
         if problem:
             return problem
-    detail = "; ".join(f"{f}: {report.text_types[f]}" for f in files[:3])
-    return (f"column {cfg.text_column!r} (from data.text_column) does not hold text ({detail}). Set "
-            "data.text_column to the column with the text, or write that column as strings.")
+    column = report.text_types[files[0]][0]
+    key = "data.text_column" if column == cfg.text_column else "data.text_pair_column"
+    detail = "; ".join(f"{f}: {report.text_types[f][1]}" for f in files[:3])
+    return (f"column {column!r} (from {key}) does not hold text ({detail}). Set "
+            f"{key} to the column with the text, or write that column as strings.")
 
 
 @contextmanager
@@ -267,8 +320,8 @@ def _read_errors_named(files: list[str] | None, fmt: str):
         raise
 
 
-def _drop_bad(batch: pa.Table, text_col: str, label_col: str) -> pa.Table:
-    return batch.filter(pc.and_(usable_text(batch.column(text_col)), _has_label(batch.column(label_col))))
+def _drop_bad(batch: pa.Table, texts: dict[str, str], label_col: str, problem: Problem) -> pa.Table:
+    return batch.filter(_usable(batch, texts, label_col, problem))
 
 
 # ----------------------------------------------------------------------------- split
@@ -303,29 +356,42 @@ def hash_split(ds: ray.data.Dataset, text_col: str, fraction: float, seed: int) 
 
 
 class Tokenize:
-    """Ray Data callable class: the fast tokenizer loads once per actor, not per batch."""
+    """Ray Data callable class: the fast tokenizer loads once per actor, not per batch.
 
-    def __init__(self, model_name: str, max_length: int, label2id: dict[str, int] | None,
+    ``problem`` (with its label map) encodes the ``labels`` column; ``label2id`` alone means
+    single-label; neither: no labels (predict). ``text_pair_column``: rows are pairs, and a
+    ``token_type_ids`` column (``list<int8>``, the ids' layout) is added.
+    """
+
+    def __init__(self, model_name: str, max_length: int, label2id: dict[str, int] | None = None,
                  text_column: str = "text", label_column: str = "label",
-                 truncation: str = "head", trust_remote_code: bool = False, keep_columns: bool = False):
+                 truncation: str = "head", trust_remote_code: bool = False, keep_columns: bool = False,
+                 text_pair_column: str | None = None, problem: Problem | None = None):
         from bertray.modeling import load_fast_tokenizer
 
         # A tokenizer per actor must not also spawn its own Rust thread pool per core.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.tokenizer = load_fast_tokenizer(model_name, trust_remote_code)
         self.max_length = max_length
-        self.label2id = label2id
+        if problem is None and label2id is not None:
+            problem = bproblem.make(bproblem.SINGLE, label2id)
+        self.problem = problem
         self.truncation = truncation
         self.keep_columns = keep_columns
         self.text_column = text_column
+        self.text_pair_column = text_pair_column
         self.label_column = label_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column(self.text_column).to_pylist()
-        values, offsets = encode_flat(self.tokenizer, texts, self.max_length, self.truncation)
-        cols = {"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))}
-        if self.label2id is not None:
-            cols["labels"] = pa.array(encode_labels(batch.column(self.label_column).to_pylist(), self.label2id, self.label_column))
+        pairs = batch.column(self.text_pair_column).to_pylist() if self.text_pair_column else None
+        encoded = encode_flat(self.tokenizer, texts, self.max_length, self.truncation, pairs=pairs)
+        offsets = pa.array(encoded[1])
+        cols = {"input_ids": pa.ListArray.from_arrays(offsets, pa.array(encoded[0]))}
+        if pairs is not None:
+            cols["token_type_ids"] = pa.ListArray.from_arrays(offsets, pa.array(encoded[2]))
+        if self.problem is not None:
+            cols["labels"] = self.problem.encode(batch.column(self.label_column), "data", self.label_column)
         out = pa.table(cols)
         if self.keep_columns:
             for name in batch.column_names:
@@ -334,12 +400,14 @@ class Tokenize:
 
 
 def tokenize_dataset(ds: ray.data.Dataset, model_name: str, max_length: int, label2id, cfg: DataConfig,
-                     truncation: str = "head", trust_remote_code: bool = False) -> ray.data.Dataset:
+                     truncation: str = "head", trust_remote_code: bool = False,
+                     problem: Problem | None = None) -> ray.data.Dataset:
     return ds.map_batches(
         Tokenize,
         fn_constructor_kwargs={"model_name": model_name, "max_length": max_length, "label2id": label2id,
-                               "truncation": truncation,
+                               "truncation": truncation, "problem": problem,
                                "text_column": cfg.text_column, "label_column": cfg.label_column,
+                               "text_pair_column": cfg.text_pair_column,
                                "trust_remote_code": trust_remote_code},
         batch_format="pyarrow",
         batch_size=cfg.tokenize_batch_size,
@@ -353,18 +421,42 @@ def tokenize_dataset(ds: ray.data.Dataset, model_name: str, max_length: int, lab
 
 @dataclass
 class PreparedData:
-    train: ray.data.Dataset  # tokenized: input_ids (list<int32>), labels (int64)
+    train: ray.data.Dataset  # tokenized: input_ids (list<int32>), [token_type_ids], labels (problem.encode)
     validation: ray.data.Dataset  # materialized (small; read every epoch)
-    label2id: dict[str, int]
-    id2label: dict[int, str]
+    problem: Problem  # with its label map
     train_rows: int
-    label_counts: dict[int, int]  # label id -> training rows (exact, after split and drops)
+    label_stats: LabelStats  # the training rows' labels (exact, after split and drops)
     dropped_rows: int
 
+    @property
+    def label2id(self) -> dict[str, int]:
+        """The head's outputs by name (regression: the one value, named after the label column)."""
+        return self.problem.config_fields()["label2id"]
 
-def _load_labelled(path: str, cfg: DataConfig, role: str, holdout=None) -> tuple[ray.data.Dataset, ScanReport]:
-    """Check columns and scan for bad rows; returns (streaming dataset, report)."""
-    cols = [cfg.text_column, cfg.label_column]
+    @property
+    def id2label(self) -> dict[int, str]:
+        return self.problem.config_fields()["id2label"]
+
+    @property
+    def label_counts(self) -> dict[int, int]:
+        """Label id -> training rows carrying it (empty for regression)."""
+        return self.problem.label_counts(self.label_stats)
+
+
+def _problem_of(schema, path: str, cfg: DataConfig, problem_type: str) -> Problem:
+    """The problem type (``auto`` resolved from the label column's Arrow type in the Ray
+    Dataset ``schema``), without labels yet."""
+    label_type = dict(zip(schema.names, schema.types, strict=True))[cfg.label_column]
+    name = bproblem.resolve(problem_type, label_type, cfg.label_separator, path, cfg.label_column)
+    return bproblem.make(name, label_separator=cfg.label_separator, label_name=cfg.label_column)
+
+
+def _load_labelled(path: str, cfg: DataConfig, role: str, holdout=None, problem_type: str = bproblem.AUTO
+                   ) -> tuple[ray.data.Dataset, ScanReport, Problem]:
+    """Check columns and the label type, scan for bad rows; returns (streaming dataset, report,
+    the problem without labels)."""
+    texts = _text_columns(cfg)
+    cols = [*texts.values(), cfg.label_column]
     limit = cfg.max_train_rows if role == "train" else cfg.max_validation_rows
 
     files = None if _is_hf_dataset(path) else list_files(path)  # listed once for the three reads below
@@ -375,9 +467,11 @@ def _load_labelled(path: str, cfg: DataConfig, role: str, holdout=None) -> tuple
         return ds.limit(limit) if limit else ds
 
     with _read_errors_named(files, fmt):
-        check_columns(read_table(path, fmt, hf_split=role, files=files), path,
-                      {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column})
-        report = scan(read(include_paths=True), cfg.text_column, cfg.label_column, holdout)
+        whole = read_table(path, fmt, hf_split=role, files=files)
+        check_columns(whole, path, {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column,
+                                    **({"data.text_pair_column": cfg.text_pair_column} if cfg.text_pair_column else {})})
+        problem = _problem_of(whole.schema(), path, cfg, problem_type)
+        report = scan(read(include_paths=True), texts, cfg.label_column, holdout, problem)
     if report.text_types:
         raise DataError(_text_type_message(report, fmt, cfg))
     if report.bad and not cfg.drop_bad_rows:
@@ -387,22 +481,22 @@ def _load_labelled(path: str, cfg: DataConfig, role: str, holdout=None) -> tuple
     if report.bad:
         log.warning("dropping %d bad %s row(s): %s", report.bad_rows, role, bad_rows_message(report, cfg))
         ds = ds.map_batches(_drop_bad, batch_format="pyarrow", num_cpus=TASK_CPUS,
-                            fn_kwargs={"text_col": cfg.text_column, "label_col": cfg.label_column})
-    return ds, report
+                            fn_kwargs={"texts": texts, "label_col": cfg.label_column, "problem": problem})
+    return ds, report, problem
 
 
-def _check_labels(cfg: DataConfig, report: ScanReport, label2id: dict[str, int], vreport: ScanReport | None) -> None:
+def _check_labels(cfg: DataConfig, report: ScanReport, problem: Problem, vreport: ScanReport | None) -> None:
     """Before training: a validation set with rows, validation labels the model knows; a warning for labels that differ only by case or surrounding whitespace.
 
     Raises:
         DataError: naming the data, the counts and the fix.
     """
-    similar = similar_labels(label2id)
+    similar = similar_labels(problem.label2id or {})
     if similar:
         log.warning("training labels that differ only by case or surrounding whitespace: %s; they are trained as "
                     "different classes. Clean the label column if each group is one class.", similar)
     if vreport is None:
-        held_out = report.usable_rows - sum(report.label_counts.values())
+        held_out = report.usable_rows - report.labels.rows
         if held_out == 0:
             raise DataError(f"data.validation_fraction={cfg.validation_fraction} of {report.usable_rows} usable "
                             f"training rows holds out 0 rows for validation: set data.validation to a labelled "
@@ -410,44 +504,69 @@ def _check_labels(cfg: DataConfig, report: ScanReport, label2id: dict[str, int],
         return
     if vreport.usable_rows == 0:
         raise DataError(f"data.validation={cfg.validation}: no usable validation rows ({vreport.rows} rows read, "
-                        f"{vreport.bad_rows} with a null/empty text or a null label): metrics over 0 rows cannot "
+                        f"{vreport.bad_rows} with a null/empty text or a bad label): metrics over 0 rows cannot "
                         "rank checkpoints. Point data.validation at labelled rows, or unset it to hold out a split.")
-    unknown = {k: n for k, n in vreport.label_counts.items() if label_key(k) not in label2id}
-    if unknown:
-        detail = ", ".join(f"{label_key(k)!r} ({n} rows)" for k, n in sorted(unknown.items(), key=str))
-        raise DataError(f"{cfg.validation}: validation label(s) not in the training label map: {detail}. "
-                        f"Training labels: {list(label2id)}. Fix the labels or add them to the training data.")
+    problem.check_known(vreport.labels, str(cfg.validation), cfg.label_column)
+
+
+def _warn_whole_regression(cfg: DataConfig, problem_type: str, report: ScanReport) -> None:
+    """``auto`` took a float column for regression: say so when it looks like classes."""
+    if problem_type == bproblem.AUTO and report.whole_values is not None and len(report.whole_values) <= 20:
+        print(f"[bertray] warning: column {cfg.label_column!r} holds floats, so model.problem_type=auto trains "
+              f"regression, yet its values are {len(report.whole_values)} whole numbers "
+              f"{report.whole_values[:10]}; to train them as classes set "
+              "model.problem_type=single_label_classification", flush=True)
+
+
+def _labelled_problem(problem: Problem, report: ScanReport, where: str) -> Problem:
+    if problem.name == bproblem.REGRESSION:
+        if report.labels.rows == 0:
+            raise DataError(f"{where}: no usable training rows (numbers in the label column)")
+        return problem
+    if problem.name == bproblem.SINGLE:
+        check_classes(report.label_counts, where)
+    elif not report.label_counts:
+        raise DataError(f"{where}: no labels in any training row ({report.labels.empty} rows with an empty "
+                        "label list); check data.label_column")
+    try:
+        return problem.with_labels(report.labels)
+    except bproblem.LabelError:
+        raise
+    except Exception as e:  # a mix of numbers and strings
+        raise DataError(f"{where}: {e}") from None
 
 
 def prepare(cfg_data: DataConfig, model_name: str, max_length: int, seed: int,
-            trust_remote_code: bool = False) -> PreparedData:
+            trust_remote_code: bool = False, problem_type: str = bproblem.AUTO) -> PreparedData:
     """Read, validate, split and tokenize train/validation data (lazily, streaming).
+
+    ``problem_type``: ``model.problem_type`` (``auto``: from the label column's type).
 
     Raises:
         DataError: unreadable files, wrong columns, bad rows, one class, no validation rows,
             unknown validation labels; all before any training starts.
+        LabelError: labels that do not fit the problem type (a DataError's sibling: exit 1).
     """
     holdout = None if cfg_data.validation else (cfg_data.validation_fraction, seed)
-    train, report = _load_labelled(cfg_data.train, cfg_data, "train", holdout)
+    train, report, problem = _load_labelled(cfg_data.train, cfg_data, "train", holdout, problem_type)
     vreport = None
     if cfg_data.validation:
-        val, vreport = _load_labelled(cfg_data.validation, cfg_data, "validation")
+        val, vreport, _ = _load_labelled(cfg_data.validation, cfg_data, "validation", problem_type=problem.name)
     else:
         train, val = hash_split(train, cfg_data.text_column, cfg_data.validation_fraction, seed)
-    check_classes(report.label_counts, f"data.train={cfg_data.train}")
-    label2id, id2label = build_label_map(report.label_counts)
-    _check_labels(cfg_data, report, label2id, vreport)
-    kw = {"model_name": model_name, "max_length": max_length, "label2id": label2id, "cfg": cfg_data,
-          "trust_remote_code": trust_remote_code}
+    _warn_whole_regression(cfg_data, problem_type, report)
+    problem = _labelled_problem(problem, report, f"data.train={cfg_data.train}")
+    _check_labels(cfg_data, report, problem, vreport)
+    kw = {"model_name": model_name, "max_length": max_length, "label2id": None, "cfg": cfg_data,
+          "trust_remote_code": trust_remote_code, "problem": problem}
     return PreparedData(
         train=tokenize_dataset(train, **kw),
         # Validation is tokenized once, here, and kept in the object store: it is read every
         # epoch by every worker, and a second streaming pipeline (another tokenizer actor)
         # beside the training workers and the training pipeline would not fit on a small node.
         validation=tokenize_dataset(val, **kw).materialize(),
-        label2id=label2id,
-        id2label=id2label,
-        train_rows=sum(report.label_counts.values()),
-        label_counts={label2id[label_key(k)]: v for k, v in report.label_counts.items()},
+        problem=problem,
+        train_rows=report.labels.rows,
+        label_stats=report.labels,
         dropped_rows=report.bad_rows + (vreport.bad_rows if vreport else 0),
     )

@@ -11,8 +11,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-LOWER_IS_BETTER = frozenset({"loss"})
-"""Metrics for which a smaller value is better; every other metric is better larger."""
+LOWER_IS_BETTER = frozenset({"loss", "hamming_loss", "mse", "rmse", "mae"})
+"""Metrics for which a smaller value is better; every other metric is better larger
+(the same rule as ``bertray.problem.metric_modes``, checked in the tests)."""
 
 
 def metric_mode(name: str) -> str:

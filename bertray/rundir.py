@@ -27,6 +27,7 @@ VERSION = 1
 # logging, checkpoint retention, amp, data-pipeline tuning (tokenizer actors, buffers).
 TRAIN_KEYS = (
     "data.train", "data.validation", "data.format", "data.text_column", "data.label_column",
+    "data.text_pair_column", "data.label_separator", "model.problem_type",
     "data.drop_bad_rows", "data.validation_fraction", "data.max_train_rows", "data.max_validation_rows",
     "model.name", "model.num_hidden_layers", "model.freeze_encoder", "model.dropout",
     "train.epochs", "train.lr", "train.batch_size", "train.max_length", "train.scheduler", "train.warmup_ratio",

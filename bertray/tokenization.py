@@ -24,8 +24,8 @@ def pad_multiple(device_type: str) -> int:
     return PAD_MULTIPLE if device_type == "cuda" else 1
 
 
-def encode_flat(tokenizer, texts: Sequence[str], max_length: int, truncation: str = "head"
-                ) -> tuple[np.ndarray, np.ndarray]:
+def encode_flat(tokenizer, texts: Sequence[str], max_length: int, truncation: str = "head",
+                pairs: Sequence[str] | None = None):
     """Token ids (with special tokens) of every text, as one flat int32 array plus row offsets.
 
     That is Arrow's list layout, so a batch becomes a ``list<int32>`` column without a Python
@@ -37,24 +37,39 @@ def encode_flat(tokenizer, texts: Sequence[str], max_length: int, truncation: st
     first quarter and the last three quarters of the budget, which classifies long reviews
     better than the head alone (Sun et al., 2019, "How to Fine-Tune BERT for Text
     Classification"); [CLS] is inside the head and [SEP] inside the tail, so both survive.
+
+    ``pairs``: the second text of each row. The rows are then ``[CLS] a [SEP] b [SEP]``,
+    truncated ``longest_first`` (the longer text loses tokens first, as ``transformers`` does),
+    and the result is ``(values, offsets, token_type_ids)``, the type ids in the ids' layout.
     """
     if truncation not in ("head", "head_tail"):
         raise ValueError(f"truncation={truncation!r}: use 'head' or 'head_tail'")
+    if pairs is not None and truncation != "head":
+        raise ValueError("text pairs are truncated longest_first: use truncation='head'")
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     if truncation == "head":
-        backend.enable_truncation(max_length)  # counts the special tokens the post-processor adds
+        # counts the special tokens the post-processor adds
+        backend.enable_truncation(max_length, strategy="longest_first")
     else:
         backend.no_truncation()
     backend.no_padding()
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    rows = [e.ids for e in encode(list(texts))]
+    encodings = encode(list(texts) if pairs is None else list(zip(texts, pairs, strict=True)))
+    rows = [e.ids for e in encodings]
     if truncation == "head_tail":
         head = max_length // 4
         tail = max_length - head
         rows = [ids if len(ids) <= max_length else ids[:head] + ids[-tail:] for ids in rows]
+    values, offsets = _flat(rows, np.int32)
+    if pairs is None:
+        return values, offsets
+    return values, offsets, _flat([e.type_ids for e in encodings], np.int8)[0]
+
+
+def _flat(rows: list[list[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(np.fromiter(map(len, rows), dtype=np.int32, count=len(rows)), out=offsets[1:])
-    values = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
+    values = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
     return values, offsets
 
 

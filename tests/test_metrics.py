@@ -40,6 +40,15 @@ def test_metric_mode(name, mode):
     assert metric_mode(name) == mode
 
 
+def test_metric_mode_agrees_with_every_problem_type():
+    from bertray import problem
+    from bertray.metrics import metric_mode
+
+    for t in problem.PROBLEM_TYPES:
+        for name, mode in problem.metric_modes(t).items():
+            assert metric_mode(name) == mode, (t, name)
+
+
 def test_is_better_ranks_by_the_metric_and_never_prefers_nan():
     from bertray.metrics import is_better
 
