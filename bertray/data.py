@@ -140,6 +140,23 @@ def check_inputs(cfg: DataConfig) -> None:
                 raise DataError(f"{key}: {e}") from None
 
 
+def label_type(cfg: DataConfig) -> tuple[pa.DataType, str] | None:
+    """(the label column's Arrow type, the file it was read from), from the first training
+    file's schema, on the driver before Ray starts; None where that cannot be read cheaply
+    (a Hugging Face dataset, a compressed file, a missing column): :func:`prepare` resolves
+    the problem type from the Ray Dataset then."""
+    import pyarrow.dataset as pads
+
+    if _is_hf_dataset(cfg.train):
+        return None
+    try:
+        files = list_files(cfg.train)
+        schema = pads.dataset(files[:1], format=detect_format(files, cfg.format)).schema
+        return schema.field(cfg.label_column).type, files[0]
+    except Exception:  # noqa: BLE001 — the scan reports unreadable data with its own clear errors
+        return None
+
+
 def check_columns(ds: ray.data.Dataset, path: str, required: dict[str, str]) -> None:
     """``required`` maps config key -> column name. Raises DataError listing the columns that exist."""
     names = list(ds.schema().names)

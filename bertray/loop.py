@@ -13,6 +13,7 @@ best-K list, stops early and advances the epoch; :class:`Reporter` does the only
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -28,15 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from bertray import problem as bproblem
 from bertray.batches import Digest, Prefetch, Timed, collate, epoch_seed, iterate
-from bertray.checkpoint import load_checkpoint, save_checkpoint, weights_finite
+from bertray.checkpoint import load_checkpoint, save_checkpoint, unwrap, weights_finite
 from bertray.config import RunConfig, config_from_dict
 from bertray.dropout import FastDropout
 from bertray.errors import NonFiniteError
 from bertray.memory import keep_freed_memory
-from bertray.metrics import classification_metrics, confusion_matrix, is_better
+from bertray.metrics import is_better
 from bertray.modeling import (
     INFERENCE_EAGER_MAX_WIDTH,
     AttentionSwitch,
@@ -44,6 +45,7 @@ from bertray.modeling import (
     load_classifier,
     load_tokenizer,
 )
+from bertray.problem import Problem
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +114,10 @@ class Rules:
     """``checkpoint.num_to_keep``."""
 
     @classmethod
-    def of(cls, cfg: RunConfig) -> Rules:
-        return cls(cfg.checkpoint.metric, cfg.train.epochs, cfg.train.early_stopping_patience, cfg.checkpoint.num_to_keep)
+    def of(cls, cfg: RunConfig, problem: Problem | None = None) -> Rules:
+        """``checkpoint.metric``, or when unset the problem type's default (single-label: accuracy)."""
+        metric = cfg.checkpoint.metric or (problem.default_metric if problem else bproblem.SingleLabel.default_metric)
+        return cls(metric, cfg.train.epochs, cfg.train.early_stopping_patience, cfg.checkpoint.num_to_keep)
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,7 @@ def decide(state: TrainState, record: dict, rules: Rules, epoch_done: bool) -> t
 # ----------------------------------------------------------------------------- setup
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # frozen, yet cached_property works: it writes the instance's __dict__
 class Job:
     """What the driver computed for every worker: the ``train_loop_config``."""
 
@@ -167,12 +171,22 @@ class Job:
     id2label: dict[int, str]
     train_rows: int
     class_weights: list[float] | None = None
+    """Cross-entropy's ``weight`` or BCE's ``pos_weight``, one per label."""
 
     @classmethod
     def from_dict(cls, config: dict) -> Job:
         return cls(cfg=config_from_dict(config["cfg"]), label2id=config["label2id"],
                    id2label={int(k): v for k, v in config["id2label"].items()},
                    train_rows=config["train_rows"], class_weights=config.get("class_weights"))
+
+    @functools.cached_property
+    def problem(self) -> Problem:
+        """The run's problem type with its label map (``cfg.model.problem_type``: resolved by the
+        driver; ``auto`` here only in callers that train classes, such as the loop's tests)."""
+        name = self.cfg.model.problem_type
+        name = bproblem.SINGLE if name == bproblem.AUTO else name
+        return bproblem.make(name, None if name == bproblem.REGRESSION else self.label2id,
+                             label_separator=self.cfg.data.label_separator, label_name=self.id2label[0])
 
 
 @dataclass(frozen=True)
@@ -262,7 +276,8 @@ def _init_process(job: Job, worker: Worker) -> None:
 def _load_model(job: Job, prepare: Callable):
     m = job.cfg.model
     torch.manual_seed(job.cfg.train.seed)  # the same head initialisation on every rank
-    model = load_classifier(m.name, job.label2id, job.id2label, m.num_hidden_layers, m.dropout, m.trust_remote_code)
+    model = load_classifier(m.name, job.label2id, job.id2label, m.num_hidden_layers, m.dropout, m.trust_remote_code,
+                            problem=job.problem)
     if m.freeze_encoder:
         for p in model.base_model.parameters():
             p.requires_grad_(False)
@@ -345,28 +360,24 @@ def saved_epoch(resume_dir: str | None) -> int:
 
 
 def evaluate(r: Recipe) -> dict:
-    """Metrics over the whole validation set: confusion matrices and loss sums are all-reduced
-    across workers, then turned into metrics once. Inference's attention threshold, not training's."""
-    p, w, id2label = r.parts, r.worker, r.job.id2label
-    n_labels = len(id2label)
-    cm = np.zeros((n_labels, n_labels), dtype=np.int64)
-    loss_sum = 0.0
+    """Metrics over the whole validation set: each worker fills the problem type's
+    :class:`~bertray.problem.EvalState` from its batches, the states are all-reduced across
+    workers, then turned into metrics once. Inference's attention threshold, not training's."""
+    p, w, problem = r.parts, r.worker, r.job.problem
+    state = problem.new_state(w.device)
     p.model.eval()
     with torch.inference_mode():
         for i, table in enumerate(iterate(r.validation, r.job.cfg.train.batch_size * 2, 0, False, 0)):
             if i % w.world != w.rank:
                 continue  # another worker scores this batch
-            batch = collate(table, p.tokenizer.pad_token_id or 0, w.device)
+            batch = collate(table, p.tokenizer.pad_token_id or 0, w.device, problem)
             labels = batch.pop("labels")
             p.eval_attention(batch["input_ids"].shape[1])
             with _autocast(w.device, p.dtype):
                 logits = p.model(**batch).logits.float()
-            loss_sum += F.cross_entropy(logits, labels, weight=p.loss_weight, reduction="sum").item()
-            cm += confusion_matrix(labels.cpu().numpy(), logits.argmax(-1).cpu().numpy(), n_labels)
+            problem.update(state, logits, labels, p.loss_weight)
     p.model.train()
-    totals = _all_reduce(torch.tensor(np.append(cm.ravel(), loss_sum), dtype=torch.float64, device=w.device), w.world)
-    cm = totals[:-1].cpu().numpy().round().astype(np.int64).reshape(n_labels, n_labels)
-    return classification_metrics(cm, id2label, loss=float(totals[-1].item()) / max(int(cm.sum()), 1))
+    return problem.metrics(state.all_reduce() if w.world > 1 else state)
 
 
 class LossWatch:
@@ -413,7 +424,7 @@ def micro_step(r: Recipe, table, boundary: bool) -> tuple[torch.Tensor, int]:
     """Forward and backward of one micro-batch; gradients accumulate until an optimizer step.
     Returns (loss, detached and on the device; rows)."""
     p, w, accum = r.parts, r.worker, r.job.cfg.train.grad_accum_steps
-    batch = collate(table, p.tokenizer.pad_token_id or 0, w.device)
+    batch = collate(table, p.tokenizer.pad_token_id or 0, w.device, r.job.problem)
     labels = batch.pop("labels")
     p.attention(batch["input_ids"].shape[1])
     # DDP all-reduces gradients at the last micro-batch of an accumulation only.
@@ -421,7 +432,7 @@ def micro_step(r: Recipe, table, boundary: bool) -> tuple[torch.Tensor, int]:
     with sync:
         with _autocast(w.device, p.dtype), p.dropout_masks():
             logits = p.model(**batch).logits
-        loss = F.cross_entropy(logits.float(), labels, weight=p.loss_weight)
+        loss = r.job.problem.loss(logits, labels, p.loss_weight)
         p.scaler.scale(loss / accum).backward()
     return loss.detach(), len(labels)
 
@@ -555,16 +566,20 @@ def train_epoch(r: Recipe, state: TrainState, tables: Iterable) -> tuple[TrainSt
 
 def checkpoint(r: Recipe, state: TrainState, train_loss: float, samples_per_s: float,
                epoch_done: bool) -> tuple[TrainState, Decision]:
-    """Evaluate, decide, then report the metrics with a checkpoint of the decided state."""
+    """Evaluate, decide, then report the metrics with a checkpoint of the decided state.
+
+    The checkpoint's ``config.json`` gets what this evaluation tuned (multi-label: the
+    threshold), so the exported best checkpoint carries its own."""
     metrics = evaluate(r)
+    scalars = bproblem.scalar_metrics(metrics)
     record = {"epoch": state.epoch + (1 if epoch_done else 0), "global_step": state.global_step,
               "train_loss": train_loss, "train_samples_per_s": samples_per_s, "restores": state.restores,
-              "resumed_at_epoch": state.resumed_at_epoch,
-              **{k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}}
-    state, decision = decide(state, record, Rules.of(r.job.cfg), epoch_done)
+              "resumed_at_epoch": state.resumed_at_epoch, **scalars}
+    state, decision = decide(state, record, Rules.of(r.job.cfg, r.job.problem), epoch_done)
     r.reporter.evaluation(record, metrics, state.global_step)
-    report = {**record, "per_class": json.dumps(metrics["per_class"]),
-              "confusion_matrix": json.dumps(metrics["confusion_matrix"])}
+    # Tables (per_class, confusion_matrix) travel as JSON: Ray Train's reports hold flat values.
+    report = {**record, **{k: json.dumps(v) for k, v in metrics.items() if k not in scalars}}
+    r.job.problem.with_metrics(metrics).apply_to(unwrap(r.parts.model).config)
     r.reporter.checkpoint(r.parts, state, report)
     return state, decision
 
@@ -586,7 +601,7 @@ def fit(r: Recipe, state: TrainState, first: Iterable | None = None) -> dict | N
                 upcoming = Prefetch(r.epoch_batches(state.epoch + 1))
             state, decision = checkpoint(r, state, train_loss, rate, epoch_done=True)
             if decision.stop_early:
-                r.reporter.progress(f"early stopping: {r.job.cfg.checkpoint.metric} did not improve for "
+                r.reporter.progress(f"early stopping: {Rules.of(r.job.cfg, r.job.problem).metric} did not improve for "
                                     f"{t.early_stopping_patience} epoch(s)")
     except NonFiniteError as e:
         r.reporter.progress(f"error: {e}")
@@ -630,10 +645,9 @@ class Reporter:
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
 
     def evaluation(self, record: dict, metrics: dict, step: int) -> None:
-        self.progress(f"eval epoch={record['epoch']} step={step} loss={metrics['loss']:.4f} "
-                      f"accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f}")
-        self.scalars("eval", {k: metrics[k] for k in ("loss", "accuracy", "f1_macro", "f1_weighted",
-                                                      "precision_macro", "recall_macro")}, step)
+        self.progress(f"eval epoch={record['epoch']} step={step} {bproblem.headline(metrics)}")
+        self.scalars("eval", {k: v for k, v in bproblem.scalar_metrics(metrics).items() if k != "num_examples"},
+                     step)
         if self.writer:
             self.writer.flush()
 

@@ -75,8 +75,11 @@ def load_fast_tokenizer(name: str, trust_remote_code: bool = False):
 
 def load_classifier(name: str, label2id: dict[str, int] | None = None, id2label: dict[int, str] | None = None,
                     num_hidden_layers: int | None = None, dropout: float | None = None,
-                    trust_remote_code: bool = False):
-    """An ``AutoModelForSequenceClassification`` with the label map in its config."""
+                    trust_remote_code: bool = False, problem=None):
+    """An ``AutoModelForSequenceClassification`` with the label map in its config.
+
+    ``problem`` (a :class:`bertray.problem.Problem` with its labels): its head width, label
+    map and ``problem_type`` go into the config instead; without it the model is single-label."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
@@ -90,7 +93,10 @@ def load_classifier(name: str, label2id: dict[str, int] | None = None, id2label:
         kwargs.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-        config.problem_type = "single_label_classification"
+        if problem is not None:
+            problem.apply_to(config)
+        else:
+            config.problem_type = "single_label_classification"
         model = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, use_safetensors=True, trust_remote_code=trust_remote_code)
     except Exception as e:

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from bertray.errors import BertrayError
+from bertray.errors import BertrayError, DataError
 from bertray.labels import build_label_map, encode_labels
 from bertray.labels import class_weights as balanced_class_weights
 from bertray.metrics import classification_metrics
@@ -50,7 +50,7 @@ THRESHOLD_GRID = tuple(round(0.01 * i, 2) for i in range(1, 100))
 DEFAULT_THRESHOLD = 0.5
 
 
-class LabelError(BertrayError):
+class LabelError(DataError):
     """Labels that do not fit the problem type: the message names file, column, count and fix."""
 
 

@@ -8,6 +8,7 @@ dataset shards, DDP, the checkpoint to resume from and ``ray.train.report``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,12 +25,14 @@ from ray.train.torch import TorchTrainer
 
 from bertray import data as bdata
 from bertray import loop, rundir
+from bertray import problem as bproblem
 from bertray.batches import Prefetch
 from bertray.checkpoint import export_model
 from bertray.cluster import check_train_resources, init_ray, train_request
-from bertray.config import RunConfig, to_dict
+from bertray.config import ConfigError, RunConfig, metric_problems, to_dict
 from bertray.errors import BertrayError, Interrupted
-from bertray.labels import class_weights as balanced_weights
+from bertray.metrics import metric_mode
+from bertray.problem import metric_modes
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +113,12 @@ def worker_resources(cfg: RunConfig) -> dict:
 
 def build_trainer(cfg: RunConfig, prepared: bdata.PreparedData, callbacks=()) -> TorchTrainer:
     """The one TorchTrainer used by ``jobs/train.py`` and by every Tune trial."""
-    t = cfg.train
-    weights = None
-    if t.class_weights == "balanced":
-        weights = balanced_weights(prepared.label_counts, len(prepared.label2id))
-    elif isinstance(t.class_weights, list):
-        if len(t.class_weights) != len(prepared.label2id):
-            raise BertrayError(f"train.class_weights has {len(t.class_weights)} values but there are "
-                             f"{len(prepared.label2id)} labels {list(prepared.label2id)}; give one weight per label")
-        weights = t.class_weights
-    order = "min" if cfg.checkpoint.metric == "loss" else "max"
+    problem = prepared.problem
+    try:
+        weights = problem.class_weights(cfg.train.class_weights, prepared.label_counts, prepared.train_rows)
+    except ValueError as e:
+        raise BertrayError(str(e)) from None
+    order = metric_mode(cfg.checkpoint.metric)
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "label2id": prepared.label2id, "id2label": prepared.id2label,
@@ -140,7 +139,32 @@ def build_trainer(cfg: RunConfig, prepared: bdata.PreparedData, callbacks=()) ->
 
 
 def prepare_data(cfg: RunConfig) -> bdata.PreparedData:
-    return bdata.prepare(cfg.data, cfg.model.name, cfg.train.max_length, cfg.train.seed, cfg.model.trust_remote_code)
+    return bdata.prepare(cfg.data, cfg.model.name, cfg.train.max_length, cfg.train.seed, cfg.model.trust_remote_code,
+                         cfg.model.problem_type)
+
+
+def resolve_problem(cfg: RunConfig, problem_type: str | None = None) -> RunConfig:
+    """``cfg`` with ``model.problem_type`` resolved and ``checkpoint.metric`` filled in (the
+    type's default when unset): on the driver, before Ray starts (``problem_type`` None: read
+    from the first training file's label column when that is cheap), and again once the data
+    is prepared.
+
+    Raises:
+        ConfigError: ``checkpoint.metric`` is not a metric of the problem type (exit 2).
+        LabelError: the label column cannot hold labels of ``model.problem_type`` (exit 1).
+    """
+    if problem_type is None:
+        found = bdata.label_type(cfg.data)
+        if found is None:
+            return cfg
+        problem_type = bproblem.resolve(cfg.model.problem_type, found[0], cfg.data.label_separator, found[1],
+                                        cfg.data.label_column)
+    problems = metric_problems(problem_type, cfg.checkpoint.metric)
+    if problems:
+        raise ConfigError(problems)
+    metric = cfg.checkpoint.metric or bproblem.make(problem_type).default_metric
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, problem_type=problem_type),
+                               checkpoint=dataclasses.replace(cfg.checkpoint, metric=metric))
 
 
 def best_checkpoint(result, metric: str):
@@ -150,13 +174,16 @@ def best_checkpoint(result, metric: str):
         if result.checkpoint is None:
             raise BertrayError(f"training produced no checkpoint; see the Ray logs under {result.path}")
         return result.checkpoint, result.metrics
-    pick = min if metric == "loss" else max
+    pick = min if metric_mode(metric) == "min" else max
     return pick(candidates, key=lambda cm: cm[1][metric])
 
 
 def export(result, cfg: RunConfig, dest: str | None = None) -> TrainResult:
-    """Write ``<output_dir>/model`` (best checkpoint, HF format) and ``metrics.json``."""
+    """Write ``<output_dir>/model`` (best checkpoint, HF format) and ``metrics.json``.
+
+    ``cfg``: as :func:`resolve_problem` left it (the problem type and metric filled in)."""
     ckpt, metrics = best_checkpoint(result, cfg.checkpoint.metric)
+    problem_type = cfg.model.problem_type
     out = Path(dest or cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with ckpt.as_directory() as d:
@@ -164,11 +191,11 @@ def export(result, cfg: RunConfig, dest: str | None = None) -> TrainResult:
     # The latest checkpoint carries the whole run's history (the best may be older).
     with (result.checkpoint or ckpt).as_directory() as d:
         history = json.loads((Path(d) / "trainer_state.json").read_text())["history"]
-    final = {k: metrics[k] for k in ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
-                                     "precision_weighted", "recall_weighted", "loss", "epoch", "global_step",
+    final = {k: metrics[k] for k in (*metric_modes(problem_type), "threshold", "epoch", "global_step",
                                      "num_examples") if k in metrics}
-    final["per_class"] = json.loads(metrics["per_class"])
-    final["confusion_matrix"] = json.loads(metrics["confusion_matrix"])
+    for table in ("per_class", "confusion_matrix"):  # reported as JSON text
+        if table in metrics:
+            final[table] = json.loads(metrics[table])
     final["checkpoint"] = ckpt.path
     _write_json(out / "metrics.json", final)
     _write_json(out / "history.json", history)
@@ -189,19 +216,24 @@ def run(cfg: RunConfig) -> TrainResult:
     rundir.check_output_dir(cfg.output_dir)
     bdata.check_inputs(cfg.data)
     run_dir = f"{cfg.storage_path}/{cfg.name}"
-    previous = rundir.claim(run_dir, rundir.fingerprint(cfg), cfg.fresh_start)
+    fingerprint = rundir.fingerprint(cfg)  # of the config as given: the same on every rerun
+    resolved = resolve_problem(cfg)
+    previous = rundir.claim(run_dir, fingerprint, cfg.fresh_start)
     init_ray()
     if previous == "finished":
         # Nothing left to train: export again from the kept checkpoints, without starting workers.
         print(f"[bertray] this run already finished in {run_dir}; re-exporting its best model "
               "(set fresh_start=true to train again from scratch)", flush=True)
-        return _report(export(Result.from_path(run_dir), cfg), cfg)
+        result = Result.from_path(run_dir)
+        cfg = _finished_problem(resolved, result)
+        return _report(export(result, cfg), cfg)
     check_train_resources(cfg)
     if previous == "running" and rundir.has_checkpoints(run_dir):
         print(f"[bertray] resuming the run in {run_dir} from its latest checkpoint", flush=True)
     prepared = prepare_data(cfg)
+    cfg = resolve_problem(resolved, prepared.problem.name)
     rundir.check_labels(run_dir, sorted(prepared.label2id, key=prepared.label2id.get))
-    print(f"[bertray] labels: {prepared.id2label}; training rows: {prepared.train_rows}"
+    print(f"[bertray] {cfg.model.problem_type}; labels: {prepared.id2label}; training rows: {prepared.train_rows}"
           + (f"; dropped bad rows: {prepared.dropped_rows}" if prepared.dropped_rows else ""), flush=True)
     result = _fit(build_trainer(cfg, prepared), run_dir)
     if result.error:
@@ -210,6 +242,17 @@ def run(cfg: RunConfig) -> TrainResult:
     out = export(result, cfg)
     rundir.mark(run_dir, "finished")
     return _report(out, cfg)
+
+
+def _finished_problem(cfg: RunConfig, result) -> RunConfig:
+    """A finished run re-exported: its problem type is the one its checkpoints were trained as."""
+    if cfg.model.problem_type != bproblem.AUTO:
+        return cfg
+    from transformers import AutoConfig
+
+    with result.checkpoint.as_directory() as d:
+        name = getattr(AutoConfig.from_pretrained(d), "problem_type", None) or bproblem.SINGLE
+    return resolve_problem(cfg, name)
 
 
 def _fit(trainer: TorchTrainer, run_dir: str):

@@ -30,7 +30,8 @@ from bertray.cluster import check_train_resources, cpu_share_per_worker, init_ra
 from bertray.config import RunConfig, apply_overrides, config_from_dict, dump_yaml, to_dict
 from bertray.data import check_inputs
 from bertray.errors import BertrayError, Interrupted
-from bertray.train import build_trainer, prepare_data
+from bertray.metrics import metric_mode
+from bertray.train import build_trainer, prepare_data, resolve_problem
 
 SPACE_KEY = "overrides"
 # The trial function only waits on its TorchTrainer; Tune needs a non-empty request, so a sliver.
@@ -102,19 +103,21 @@ def run(cfg: RunConfig) -> pd.DataFrame:
         raise ValueError("tune.space is empty: name at least one key, e.g. train.lr: {loguniform: [1e-5, 1e-4]}")
     check_inputs(cfg.data)
     experiment = f"{cfg.storage_path}/{cfg.name}-tune"  # the search state, beside the trials
+    resolved = resolve_problem(cfg)  # a metric that does not fit the problem type: exit 2 before Ray
     _claim(experiment, cfg)
     init_ray()
-    metric, mode = cfg.checkpoint.metric, "min" if cfg.checkpoint.metric == "loss" else "max"
-    base = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, cpus_per_worker=trial_cpus_per_worker(cfg)))
-    space = {"base": to_dict(base), SPACE_KEY: search_space(cfg.tune.space)}
+    scaling = dataclasses.replace(cfg.scaling, cpus_per_worker=trial_cpus_per_worker(cfg))
     search_alg = None
     if cfg.tune.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch  # optional dependency: pip install optuna
 
         search_alg = OptunaSearch()
     check_train_resources(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, space={}),
-                                              scaling=base.scaling))  # one trial must fit
+                                              scaling=scaling))  # one trial must fit
     prepared = prepare_data(cfg)
+    cfg = resolve_problem(resolved, prepared.problem.name)
+    metric, mode = cfg.checkpoint.metric, metric_mode(cfg.checkpoint.metric)
+    space = {"base": to_dict(dataclasses.replace(cfg, scaling=scaling)), SPACE_KEY: search_space(cfg.tune.space)}
     trainable = tune.with_resources(tune.with_parameters(run_trial, prepared=prepared), {"CPU": TRIAL_CPUS})
     if cfg.tune.resume and tune.Tuner.can_restore(experiment):
         print(f"[bertray] resuming the search in {experiment}", flush=True)

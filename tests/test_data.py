@@ -100,7 +100,7 @@ def test_unknown_validation_label_named_with_count(tmp_path, trec):
     val.loc[val.index[:3], "label"] = "WHO"
     t = _write(trec, tmp_path / "t.csv", "csv")
     v = _write(val, tmp_path / "v.csv", "csv")
-    with pytest.raises(DataError, match=r"validation label\(s\) not in the training label map: 'WHO' \(3 rows\)"):
+    with pytest.raises(DataError, match=r"v.csv: column 'label': label\(s\) not in the training label map: 'WHO' \(3 rows\)"):
         prepare(DataConfig(train=t, validation=v), "default", 32, seed=0)
 
 
@@ -180,7 +180,8 @@ def test_float_and_bool_label_columns_train(tmp_path, trec, fmt, ext, kind):
     df["label"] = flag.astype(float) if kind == "float" else flag
     t = _write(df.iloc[:100], tmp_path / f"t.{ext}", fmt)
     v = _write(df.iloc[100:], tmp_path / f"v.{ext}", fmt)
-    p = prepare(DataConfig(train=t, validation=v), "default", 32, seed=0)
+    # a float column is regression under problem_type=auto (#16): classes must be asked for
+    p = prepare(DataConfig(train=t, validation=v), "default", 32, seed=0, problem_type="single_label_classification")
     assert p.label2id == {"0": 0, "1": 1} and p.id2label == {0: "0", 1: "1"}
     assert p.label_counts == {1: int(flag.iloc[:100].sum()), 0: int((~flag.iloc[:100]).sum())}
     assert sorted(_rows(p.train)["labels"]) == sorted(flag.iloc[:100].astype(int))
