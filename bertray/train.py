@@ -193,6 +193,8 @@ def export(result, cfg: RunConfig, dest: str | None = None) -> TrainResult:
         history = json.loads((Path(d) / "trainer_state.json").read_text())["history"]
     final = {k: metrics[k] for k in (*metric_modes(problem_type), "threshold", "epoch", "global_step",
                                      "num_examples") if k in metrics}
+    if "num_examples" in final:  # a float after the report's round trip
+        final["num_examples"] = int(final["num_examples"])
     for table in ("per_class", "confusion_matrix"):  # reported as JSON text
         if table in metrics:
             final[table] = json.loads(metrics[table])
