@@ -54,6 +54,7 @@ from bertray.predict.output import (
 from bertray.predict.predictor import amp_name, build_predictions
 from bertray.predict.preflight import PredictError, check_input, check_resources, preflight, required_columns
 from bertray.predict.scan import check_labels, scan_input
+from bertray.problem import SINGLE, headline
 from bertray.storage import SUCCESS_FILE, OutputError, OutputExistsError
 
 __all__ = ["CONFUSION_PNG", "METRICS_FILE", "SUCCESS_FILE", "OutputError", "OutputExistsError", "PredictError",
@@ -82,10 +83,10 @@ def run(cfg: PredictConfig, formats: tuple[str, ...] = PREDICT_FORMATS) -> dict:
     check_resources(cfg)
     _warn_stale(plan)
     stats = scan_input(cfg.input, plan.files, plan.fmt, required_columns(cfg), plan.footer_rows)
-    if cfg.label_column:
+    if cfg.label_column and plan.model.problem.name == SINGLE:  # the others' labels are checked as they are scored
         check_labels(cfg.input, cfg.label_column, stats.labels, plan.model.label2id)
     source = read_table(cfg.input, files=plan.files)  # the files the checks saw, not a new listing
-    check_input(source, cfg)
+    check_input(source, cfg, plan.model.problem)
     predictions = build_predictions(cfg, plan.model, source)
     print(f"[bertray] predicting {stats.rows} rows from {len(plan.files)} file(s) with {plan.model.path} "
           f"-> {plan.output}", flush=True)
@@ -98,7 +99,7 @@ def run(cfg: PredictConfig, formats: tuple[str, ...] = PREDICT_FORMATS) -> dict:
         storage.commit(plan.fs, stage.path, plan.final, cfg.on_existing)
     print(f"[bertray] wrote {rows_out} rows to {plan.output} in {summary['seconds']:.1f}s "
           f"({summary['rows_per_s']} rows/s; empty texts: {summary['empty_texts']})"
-          + (f"; accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f}" if metrics else ""),
+          + (f"; {headline(metrics)}" if metrics else ""),
           flush=True)
     return summary
 

@@ -1,15 +1,19 @@
 """What predict writes into its staging directory: the predictions, and in evaluate mode the metrics.
 
-Output columns: every input column unchanged and in input order, plus ``prediction`` (the
-label name from the model's ``id2label``) and ``score`` (its softmax probability, float32);
-with ``top_k`` also ``top_k_labels`` / ``top_k_scores`` (lists, best first) and with
+Output columns: every input column unchanged and in input order, plus the model's problem
+type's (``Problem.output_columns``): single-label ``prediction`` (the label name from the
+model's ``id2label``) and ``score`` (its softmax probability, float32), with ``top_k`` also
+``top_k_labels`` / ``top_k_scores`` (lists, best first); multi-label ``prediction`` (the
+labels at or above the threshold, a list of strings) and ``score`` (their sigmoid
+probabilities, same order); regression ``prediction`` (float64, raw units) only. With
 ``all_scores`` one ``score_<label>`` column per class.
 
 Files beside the data, committed with it: ``_SUCCESS`` (the run summary, JSON; written
-last) and, in evaluate mode, ``_metrics.json`` and ``_confusion_matrix.png``. The leading
+last) and, in evaluate mode, ``_metrics.json`` and a plot: ``_confusion_matrix.png``
+(single-label), ``_label_f1.png`` (multi-label) or ``_scatter.png`` (regression). The leading
 underscore keeps Parquet readers (pyarrow, pandas, Spark, Ray, bertray) from taking them for
-data. Metrics are computed from the written predictions (a read of two columns), per-batch
-confusion matrices summed on the driver.
+data. Metrics are computed from the written predictions (a read of two columns), by the
+problem type's evaluation state filled batch by batch on the driver.
 """
 
 from __future__ import annotations
@@ -24,23 +28,22 @@ import pyarrow.parquet as pq
 
 from bertray.config import PredictConfig
 from bertray.data import TASK_CPUS, read_table
-from bertray.labels import label_key
 from bertray.predict.preflight import Plan
 from bertray.predict.scan import ScanStats, parquet_files, read_schema
+from bertray.problem import MULTI, REGRESSION, SINGLE, EvalState, Problem
 from bertray.storage import SUCCESS_FILE, Stage, write_bytes
 
 METRICS_FILE = "_metrics.json"
 CONFUSION_PNG = "_confusion_matrix.png"
+PLOT_FILES = {SINGLE: CONFUSION_PNG, MULTI: "_label_f1.png", REGRESSION: "_scatter.png"}
+SUMMARY_METRICS = ("accuracy", "f1_macro", "f1_weighted", "f1_micro", "f1_samples", "threshold",
+                   "mse", "rmse", "mae", "pearson", "spearman", "r2")
+"""The figures ``_SUCCESS`` repeats (those the run's problem type has); ``_metrics.json`` has them all."""
 
 
-def added_fields(cfg: PredictConfig, id2label: dict[int, str]) -> list[pa.Field]:
+def added_fields(cfg: PredictConfig, problem: Problem) -> list[pa.Field]:
     """The columns predict appends to the input's, in order (the predictor writes the same)."""
-    fields = [pa.field("prediction", pa.string()), pa.field("score", pa.float32())]
-    if cfg.top_k:
-        fields += [pa.field("top_k_labels", pa.list_(pa.string())), pa.field("top_k_scores", pa.list_(pa.float32()))]
-    if cfg.all_scores:
-        fields += [pa.field(f"score_{id2label[i]}", pa.float32()) for i in range(len(id2label))]
-    return fields
+    return problem.output_fields(cfg.all_scores, cfg.top_k)
 
 
 def write_predictions(cfg: PredictConfig, plan: Plan, predictions, stage: Stage, rows_in: int) -> tuple[int, int]:
@@ -69,7 +72,7 @@ def _write_empty(cfg: PredictConfig, plan: Plan, stage: Stage) -> str:
     schema = read_schema(plan.files[0], plan.fmt)
     path = f"{stage.path}/part-empty.parquet"
     with stage.fs.open_output_stream(path) as f:
-        pq.write_table(pa.schema([*schema.remove_metadata(), *added_fields(cfg, plan.model.id2label)]).empty_table(), f)
+        pq.write_table(pa.schema([*schema.remove_metadata(), *added_fields(cfg, plan.model.problem)]).empty_table(), f)
     return path
 
 
@@ -85,7 +88,7 @@ def summarize(cfg: PredictConfig, plan: Plan, stats: ScanStats, rows_out: int, f
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     if metrics is not None:
-        summary["metrics"] = {k: metrics[k] for k in ("accuracy", "f1_macro", "f1_weighted")}
+        summary["metrics"] = {k: metrics[k] for k in SUMMARY_METRICS if k in metrics}
     return summary
 
 
@@ -98,49 +101,93 @@ def write_summary(stage: Stage, summary: dict) -> None:
 
 
 def write_metrics(cfg: PredictConfig, plan: Plan, stage: Stage, rows: int) -> dict:
-    """``_metrics.json`` and ``_confusion_matrix.png`` from the written predictions; returns the metrics."""
-    metrics = evaluate_output(cfg, plan, stage.uri, rows)
+    """``_metrics.json`` and the problem type's plot from the written predictions; returns the metrics."""
+    metrics, state = evaluate_output(cfg, plan, stage.uri, rows)
     write_bytes(stage.fs, f"{stage.path}/{METRICS_FILE}", json.dumps(metrics, indent=2))
-    _plot(plan, metrics, stage)
+    _plot(plan, metrics, state, stage)
     return metrics
 
 
-def evaluate_output(cfg: PredictConfig, plan: Plan, written_uri: str, rows: int) -> dict:
-    """Metrics from the written predictions: per-batch confusion matrices summed on the driver."""
-    from bertray.metrics import classification_metrics
+def evaluate_output(cfg: PredictConfig, plan: Plan, written_uri: str, rows: int) -> tuple[dict, EvalState]:
+    """Metrics from the written predictions (two columns read back), by the model's problem
+    type at the threshold predict used; returns (metrics, the evaluation state).
 
-    id2label, label2id = plan.model.id2label, plan.model.label2id
-    n = len(id2label)
-    cm = np.zeros((n, n), dtype=np.int64)
+    Raises:
+        LabelError: null, NaN or unknown labels, with their count (nothing is committed).
+    """
+    problem = plan.model.problem.for_output()
+    state = problem.new_state()
     if rows:  # an empty input writes no files
         ds = read_table(written_uri, columns=[cfg.label_column, "prediction"])
-        cms = ds.map_batches(_confusion_batch, batch_format="pyarrow", batch_size=8192, num_cpus=TASK_CPUS,
-                             fn_kwargs={"label_column": cfg.label_column, "label2id": label2id, "num_labels": n})
-        for row in cms.iter_rows():
-            cm += np.asarray(row["cm"], dtype=np.int64).reshape(n, n)
-    metrics = classification_metrics(cm, id2label)
-    metrics["labels"] = [id2label[i] for i in range(n)]
+        for batch in ds.iter_batches(batch_size=8192, batch_format="pyarrow"):
+            problem.update_from_output(state, batch.column(cfg.label_column), batch.column("prediction"),
+                                       cfg.input, cfg.label_column)
+    metrics = problem.metrics(state)
+    metrics.pop("loss", None)
+    id2label = plan.model.id2label
+    metrics["labels"] = [id2label[i] for i in range(len(id2label))]
     metrics["label_column"] = cfg.label_column
-    return metrics
+    return metrics, state
 
 
-def _confusion_batch(batch: pa.Table, label_column: str, label2id: dict[str, int], num_labels: int) -> pa.Table:
-    from bertray.metrics import confusion_matrix
-
-    truth = np.fromiter((label2id[label_key(v)] for v in batch.column(label_column).to_pylist()),
-                        dtype=np.int64, count=batch.num_rows)
-    pred = np.fromiter((label2id[v] for v in batch.column("prediction").to_pylist()),
-                       dtype=np.int64, count=batch.num_rows)
-    return pa.table({"cm": [confusion_matrix(truth, pred, num_labels).ravel().tolist()]})
+def plot_file(problem: Problem) -> str:
+    """The plot evaluate writes beside ``_metrics.json`` for a problem type."""
+    return PLOT_FILES[problem.name]
 
 
-def _plot(plan: Plan, metrics: dict, stage: Stage) -> None:
+def _plot(plan: Plan, metrics: dict, state: EvalState, stage: Stage) -> None:
     import tempfile
 
     from bertray.metrics import plot_confusion_matrix
 
+    name = plot_file(plan.model.problem)
     with tempfile.TemporaryDirectory() as d:
-        local = os.path.join(d, CONFUSION_PNG)
-        plot_confusion_matrix(metrics["confusion_matrix"], plan.model.id2label, local)
+        local = os.path.join(d, name)
+        if plan.model.problem.name == SINGLE:
+            plot_confusion_matrix(metrics["confusion_matrix"], plan.model.id2label, local)
+        elif plan.model.problem.name == MULTI:
+            _plot_label_f1(metrics["per_class"], local)
+        else:
+            _plot_scatter(state.gathered().cpu().numpy(), local)
         with open(local, "rb") as f:
-            write_bytes(stage.fs, f"{stage.path}/{CONFUSION_PNG}", f.read())
+            write_bytes(stage.fs, f"{stage.path}/{name}", f.read())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_label_f1(per_class: dict, path: str) -> None:
+    """Horizontal bars: each label's F1 at the threshold, with its support."""
+    plt = _pyplot()
+    names = list(per_class)
+    fig, ax = plt.subplots(figsize=(6, 1.0 + 0.3 * len(names)))
+    ax.barh(range(len(names)), [per_class[n]["f1"] for n in names], color="tab:blue")
+    ax.set_yticks(range(len(names)), [f"{n} ({per_class[n]['support']})" for n in names])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1 (support)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_scatter(pairs: np.ndarray, path: str) -> None:
+    """Predicted against true values, with the diagonal of perfect predictions."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    pred, true = pairs[:, 0], pairs[:, 1]
+    ax.scatter(true, pred, s=6, alpha=0.4)
+    if len(pairs):
+        lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+        ax.plot([lo, hi], [lo, hi], color="gray", linewidth=1)
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -22,20 +22,27 @@ PREDICT_BATCH_ROWS = 4096
 """Rows per predictor call: the window sorted by length, then cut into micro-batches."""
 TOKENIZE_BATCH_ROWS = 4096
 IDS = "input_ids"
+TYPES = "token_type_ids"
 
 
 class PredictTokenize(Tokenize):
-    """:class:`bertray.data.Tokenize` that scores null texts as ``""`` and writes the text column
-    back as it came (nulls stay null, a dictionary-encoded column stays dictionary-encoded)."""
+    """:class:`bertray.data.Tokenize` that scores null texts as ``""`` and writes the text
+    columns back as they came (nulls stay null, a dictionary-encoded column stays dictionary-encoded)."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        col = batch.column(self.text_column)
-        if col.null_count == 0:
+        names = [c for c in (self.text_column, self.text_pair_column) if c]
+        nulls = [c for c in names if batch.column(c).null_count]
+        if not nulls:
             return super().__call__(batch)
-        filled = pa.array([""] * len(col), pa.string()) if pa.types.is_null(col.type) else pc.fill_null(col, "")
-        out = super().__call__(batch.set_column(batch.schema.get_field_index(self.text_column),
-                                                self.text_column, filled))
-        return out.set_column(out.schema.get_field_index(self.text_column), self.text_column, col)
+        filled = batch
+        for name in nulls:
+            col = batch.column(name)
+            col = pa.array([""] * len(col), pa.string()) if pa.types.is_null(col.type) else pc.fill_null(col, "")
+            filled = filled.set_column(filled.schema.get_field_index(name), name, col)
+        out = super().__call__(filled)
+        for name in nulls:
+            out = out.set_column(out.schema.get_field_index(name), name, batch.column(name))
+        return out
 
 
 class Predictor:
@@ -43,11 +50,12 @@ class Predictor:
 
     def __init__(self, model_path: str, amp: str, batch_size: int, pad_id: int, top_k: int | None,
                  all_scores: bool, threads: int | None, num_predictors: int, use_gpu: bool,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, threshold: float | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification
 
         from bertray.modeling import INFERENCE_EAGER_MAX_WIDTH, AttentionSwitch, amp_dtype
+        from bertray.problem import from_model_config
         from bertray.tokenization import pad_multiple
 
         if threads is None:
@@ -64,58 +72,57 @@ class Predictor:
             model_path, use_safetensors=True, dtype=dtype, trust_remote_code=trust_remote_code)
         self.model = model.to(self.device).eval()
         self.attention = AttentionSwitch(self.model, INFERENCE_EAGER_MAX_WIDTH)
-        id2label = {int(k): v for k, v in model.config.id2label.items()}
-        self.names = pa.array([id2label[i] for i in range(len(id2label))], pa.string())
+        # The problem type turns logits into scores and output columns (softmax + label,
+        # sigmoid + labels at the threshold, or the raw value).
+        self.problem = from_model_config(model.config, threshold=threshold)
+        self.width = self.problem.num_labels
         self.batch_size = batch_size
         self.pad_id = pad_id
         # Rows are length-sorted, so a micro-batch's rows are nearly equal in length anyway.
         self.pad_multiple = pad_multiple(self.device.type)
-        self.top_k = min(top_k, len(id2label)) if top_k else None
+        self.top_k = min(top_k, self.width) if top_k else None
         self.all_scores = all_scores
 
-    def probabilities(self, ids: pa.ListArray) -> np.ndarray:
-        """Softmax probabilities ``(rows, labels)`` in the rows' own order."""
+    def _inputs(self, ids: tuple, types: tuple | None, start: int, stop: int) -> dict:
+        """Rows ``start:stop`` padded; ``ids``/``types``: (values, offsets) of the ordered rows."""
         from bertray.tokenization import pad_flat
 
+        input_ids, mask = pad_flat(ids[0], ids[1][start:stop + 1], self.pad_id, self.pad_multiple)
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if types is not None:
+            batch[TYPES] = pad_flat(types[0], types[1][start:stop + 1], 0, self.pad_multiple)[0]
+        return {k: self.torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def probabilities(self, table: pa.Table | pa.ListArray) -> np.ndarray:
+        """Scores ``(rows, labels)`` in the rows' own order: the problem type's (softmax,
+        sigmoid, or the raw value). ``table``: ``input_ids`` (and ``token_type_ids``)."""
         torch = self.torch
-        n = len(ids)
-        probs = np.empty((n, len(self.names)), dtype=np.float32)
+        if not isinstance(table, pa.Table):
+            table = pa.table({IDS: table})
+        n = table.num_rows
+        probs = np.empty((n, self.width), dtype=np.float32)
         if n == 0:
             return probs
-        lengths = np.diff(ids.offsets.to_numpy())
+        lengths = pc.list_value_length(table.column(IDS)).to_numpy(zero_copy_only=False)
         order = np.argsort(lengths, kind="stable")
-        ordered = ids.take(pa.array(order))  # contiguous, offsets from 0
-        values = ordered.values.to_numpy()
-        offsets = ordered.offsets.to_numpy()
+        ordered = table.select([c for c in (IDS, TYPES) if c in table.column_names]).take(pa.array(order))
+        flat = {c: ordered.column(c).combine_chunks() for c in ordered.column_names}  # contiguous, offsets from 0
+        ids, types = ((flat[c].values.to_numpy(), flat[c].offsets.to_numpy()) if c in flat else None
+                      for c in (IDS, TYPES))
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
                 stop = min(start + self.batch_size, n)
-                input_ids, mask = pad_flat(values, offsets[start:stop + 1], self.pad_id, self.pad_multiple)
-                self.attention(input_ids.shape[1])
-                logits = self.model(input_ids=torch.from_numpy(input_ids).to(self.device, non_blocking=True),
-                                    attention_mask=torch.from_numpy(mask).to(self.device, non_blocking=True)).logits
-                probs[order[start:stop]] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+                batch = self._inputs(ids, types, start, stop)
+                self.attention(batch[IDS].shape[1])
+                logits = self.model(**batch).logits
+                probs[order[start:stop]] = self.problem.scores(logits).cpu().numpy()
         return probs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = batch.column(IDS).combine_chunks()
-        probs = self.probabilities(ids)
-        n = len(probs)
-        best = probs.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
-        out = batch.drop_columns([IDS])
-        out = out.append_column("prediction", self.names.take(pa.array(best)))
-        out = out.append_column("score", pa.array(probs[np.arange(n), best], pa.float32()))
-        if self.top_k:
-            k = self.top_k
-            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-            list_offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
-            out = out.append_column("top_k_labels", pa.ListArray.from_arrays(
-                list_offsets, self.names.take(pa.array(top.ravel()))))
-            out = out.append_column("top_k_scores", pa.ListArray.from_arrays(
-                list_offsets, pa.array(np.take_along_axis(probs, top, axis=1).ravel(), pa.float32())))
-        if self.all_scores:
-            for i, name in enumerate(self.names.to_pylist()):
-                out = out.append_column(f"score_{name}", pa.array(probs[:, i], pa.float32()))
+        probs = self.probabilities(batch)
+        out = batch.drop_columns([c for c in (IDS, TYPES) if c in batch.column_names])
+        for name, column in self.problem.output_columns(probs, self.all_scores, self.top_k).items():
+            out = out.append_column(name, column)
         return out
 
 
@@ -131,7 +138,7 @@ def build_predictions(cfg: PredictConfig, model, ds):
     ds = ds.map_batches(
         PredictTokenize,
         fn_constructor_kwargs={"model_name": model.path, "max_length": model.max_length, "label2id": None,
-                               "text_column": cfg.text_column,
+                               "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
                                "truncation": cfg.truncation, "trust_remote_code": cfg.model.trust_remote_code,
                                "keep_columns": True},
         batch_format="pyarrow", batch_size=TOKENIZE_BATCH_ROWS,
@@ -142,7 +149,8 @@ def build_predictions(cfg: PredictConfig, model, ds):
         fn_constructor_kwargs={"model_path": model.path, "amp": cfg.amp, "batch_size": cfg.batch_size,
                                "pad_id": model.pad_id, "top_k": cfg.top_k, "all_scores": cfg.all_scores,
                                "threads": cfg.torch_threads, "num_predictors": cfg.num_predictors,
-                               "use_gpu": cfg.use_gpu, "trust_remote_code": cfg.model.trust_remote_code},
+                               "use_gpu": cfg.use_gpu, "trust_remote_code": cfg.model.trust_remote_code,
+                               "threshold": cfg.threshold},
         batch_format="pyarrow", batch_size=PREDICT_BATCH_ROWS,
         compute=ActorPoolStrategy(size=cfg.num_predictors), num_cpus=cfg.predictor_cpus, **gpu)
 

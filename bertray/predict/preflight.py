@@ -17,8 +17,9 @@ from bertray.config import ConfigError, PredictConfig
 from bertray.data import TASK_CPUS, DataError, check_columns, detect_format
 from bertray.errors import BertrayError
 from bertray.predict.scan import input_files, parquet_footers, schema_problem
+from bertray.problem import Problem, from_model_config
 
-RESERVED_COLUMNS = ("input_ids", "prediction", "score", "top_k_labels", "top_k_scores")
+RESERVED_COLUMNS = ("input_ids", "prediction", "score", "top_k_labels", "top_k_scores", "token_type_ids")
 """Columns predict adds (and the token ids it carries between its stages): an input may not have them."""
 NO_LIMIT = 10**6
 """Above this, a tokenizer's ``model_max_length`` means "no limit" (transformers writes ``int(1e30)``)."""
@@ -38,6 +39,7 @@ class Model:
     label2id: dict[str, int]
     pad_id: int
     max_length: int  # the configured one, or the model's own (see resolve_max_length)
+    problem: Problem  # from config.json's problem_type, at the configured threshold or the model's
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,15 @@ def check_model(cfg: PredictConfig) -> Model:
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     max_length = resolve_max_length(cfg.max_length, tokenizer.model_max_length,
                                     getattr(config, "max_position_embeddings", None), path)
+    try:
+        problem = from_model_config(config, cfg.label_separator, cfg.threshold)
+    except ValueError as e:
+        raise PredictError(f"model {path}: {e}") from None
+    options = problem.check_output_options(cfg.all_scores, cfg.top_k)
+    if options:
+        raise ConfigError([f"{o} ({problem.name} model {path})" for o in options])
     return Model(path, id2label, {name: i for i, name in id2label.items()}, int(tokenizer.pad_token_id or 0),
-                 max_length)
+                 max_length, problem)
 
 
 def _check_safetensors(path: str) -> None:
@@ -165,7 +174,9 @@ def resolve_max_length(configured: int | None, tokenizer_max: int | None, positi
 
 def required_columns(cfg: PredictConfig) -> dict[str, str]:
     """Config key -> column name, for every column predict reads."""
-    return {"text_column": cfg.text_column, **({"label_column": cfg.label_column} if cfg.label_column else {})}
+    return {"text_column": cfg.text_column,
+            **({"text_pair_column": cfg.text_pair_column} if cfg.text_pair_column else {}),
+            **({"label_column": cfg.label_column} if cfg.label_column else {})}
 
 
 def check_files(cfg: PredictConfig, formats: tuple[str, ...]) -> tuple[list[str], str, int | None]:
@@ -191,14 +202,20 @@ def check_files(cfg: PredictConfig, formats: tuple[str, ...]) -> tuple[list[str]
     return files, fmt, sum(md.num_rows for md in footers.values())
 
 
-def check_input(ds, cfg: PredictConfig) -> None:
-    """Columns of the Ray Dataset (hive partition keys included) don't clash with the added ones."""
+def check_input(ds, cfg: PredictConfig, problem: Problem | None = None) -> None:
+    """Columns of the Ray Dataset (hive partition keys included) don't clash with the added ones
+    (``problem``'s output columns; without it, every column predict can add)."""
     check_columns(ds, cfg.input, required_columns(cfg))
     names = ds.schema().names
-    reserved = [c for c in names if c in RESERVED_COLUMNS or (cfg.all_scores and c.startswith("score_"))]
+    if problem is None:
+        added = [*RESERVED_COLUMNS, *(["score_<label>"] if cfg.all_scores else [])]
+        reserved = [c for c in names if c in RESERVED_COLUMNS or (cfg.all_scores and c.startswith("score_"))]
+    else:
+        added = ["input_ids", "token_type_ids", *(f.name for f in problem.output_fields(cfg.all_scores, cfg.top_k))]
+        reserved = [c for c in names if c in added]
     if reserved:
         raise DataError(f"{cfg.input}: input column(s) {reserved} clash with the columns predict adds "
-                        f"({', '.join(RESERVED_COLUMNS[1:])}, score_<label>); rename or drop them first")
+                        f"({', '.join(added)}); rename or drop them first")
 
 
 def check_resources(cfg: PredictConfig) -> None:

@@ -130,6 +130,8 @@ class ScanStats:
 def _count_labels(col: pa.ChunkedArray | pa.Array, labels: dict) -> None:
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
+    if pa.types.is_floating(col.type) or pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        return  # values or label lists (regression, multi-label): the evaluation checks them
     for c in pc.value_counts(col).to_pylist():
         key = None if c["values"] is None else label_key(c["values"])
         labels[key] = labels.get(key, 0) + c["counts"]
