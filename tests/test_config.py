@@ -298,3 +298,29 @@ def test_bad_config_exits_before_ray_starts():
     assert proc.returncode == 2
     assert "train.amp='fp64'" in proc.stderr and "'auto', 'fp32', 'bf16' or 'fp16'" in proc.stderr
     assert "ray" not in proc.stderr.lower().replace("ray job", "")
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["model.problem_type=regression", "checkpoint.metric=accuracy"],
+     "checkpoint.metric='accuracy' is not a regression metric; use one of"),
+    (["checkpoint.metric=f1"], "checkpoint.metric='f1' is no metric bertray computes; use one of"),
+    (["model.problem_type=multi", "checkpoint.metric=f1_micro"], "model.problem_type='multi'"),
+    (["data.text_pair_column=text"], "data.text_pair_column='text' is also data.text_column"),
+])
+def test_problem_type_and_metric_are_checked_together(overrides, expected):
+    problems = _problems(overrides)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_metric_defaults_to_none_and_fits_any_problem_type_under_auto():
+    assert load_config(SMOKE, ["checkpoint.metric=null"]).checkpoint.metric is None
+    assert load_config(SMOKE).model.problem_type == "auto"
+    assert load_config(SMOKE, ["checkpoint.metric=pearson"]).checkpoint.metric == "pearson"
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("threshold=1.5", "threshold=1.5"), ("text_pair_column=b truncation=head_tail", "truncation=head_tail"),
+])
+def test_predict_threshold_and_pair_options(override, expected):
+    problems = _problems(override.split(" "), PREDICT, PredictConfig)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems

@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from bertray.modeling import load_fast_tokenizer, load_tokenizer
@@ -61,3 +62,30 @@ def test_rust_tokenizer_from_tokenizer_json_matches_transformers(tokenizer, data
     ref = tokenizer(texts, truncation=True, max_length=64)["input_ids"]
     assert [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:], strict=True)] == ref
     assert values.dtype == np.int32 and offsets[0] == 0 and offsets[-1] == len(values)
+
+
+def test_pairs_match_transformers_ids_types_and_longest_first_truncation(tokenizer, data_root):
+    df = pd.read_parquet(data_root / "mrpc" / "train.parquet").head(200)
+    a, b = df["sentence1"].tolist(), df["sentence2"].tolist()
+    b[0] = " ".join(["long"] * 80)  # the longer side loses tokens first
+    values, offsets, types = encode_flat(load_fast_tokenizer("default"), a, 32, pairs=b)
+    ref = tokenizer(a, b, truncation="longest_first", max_length=32)
+    rows = [(values[s:e].tolist(), types[s:e].tolist()) for s, e in zip(offsets[:-1], offsets[1:], strict=True)]
+    assert rows == list(zip(ref["input_ids"], ref["token_type_ids"], strict=True))
+    assert types.dtype == np.int8
+
+
+def test_collate_pads_token_type_ids_with_the_ids_and_encodes_labels_by_problem():
+    import torch
+
+    from bertray.batches import collate
+    from bertray.problem import MULTI, make
+
+    ids = pa.array([[101, 7, 102, 8, 102], [101, 9, 102]], pa.list_(pa.int32()))
+    types = pa.array([[0, 0, 0, 1, 1], [0, 0, 0]], pa.list_(pa.int8()))
+    labels = pa.array([[0, 2], []], pa.list_(pa.int32()))
+    batch = collate(pa.table({"input_ids": ids, "token_type_ids": types, "labels": labels}), 0,
+                    torch.device("cpu"), make(MULTI, {"a": 0, "b": 1, "c": 2}))
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
