@@ -31,6 +31,7 @@ from bertray.config import RunConfig, apply_overrides, config_from_dict, dump_ya
 from bertray.data import check_inputs
 from bertray.errors import BertrayError, Interrupted
 from bertray.metrics import metric_mode
+from bertray.problem import metric_modes
 from bertray.train import build_trainer, prepare_data, resolve_problem
 
 SPACE_KEY = "overrides"
@@ -221,7 +222,8 @@ def summarize(grid, cfg: RunConfig, metric: str, mode: str) -> pd.DataFrame:
         export_model(d, out / "best_model")
     (out / "best_metrics.json").write_text(json.dumps(
         {k: (row[k].item() if hasattr(row[k], "item") else row[k]) for k in
-         ("accuracy", "f1_macro", "f1_weighted", "loss", "epoch") if k in row} | {"overrides": best_values}, indent=2))
+         (*metric_modes(cfg.model.problem_type), "threshold", "epoch") if k in row} | {"overrides": best_values},
+        indent=2))
     print("\n[bertray] trials (best first):\n" + table.to_string(index=False), flush=True)
     print(f"[bertray] best config: {out / 'best_config.yaml'}; best model: {out / 'best_model'}", flush=True)
     return table
