@@ -182,3 +182,33 @@ class RayCluster:
         address_file = Path(get_ray_address_file(None))
         if address_file.is_file() and address_file.read_text().strip().endswith(f":{self.port}"):
             address_file.unlink(missing_ok=True)
+
+
+def kill_a_worker_after_the_first_checkpoint(run_dir: Path):
+    """Start a thread that SIGKILLs the Ray Train worker processes once ``run_dir`` has a
+    registered checkpoint; returns (``{"pid": ...}`` once killed, the thread)."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    killed: dict = {}
+
+    def kill():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            # a checkpoint counts once Ray Train has registered it (after the upload)
+            snapshot = run_dir / "checkpoint_manager_snapshot.json"
+            if snapshot.exists() and '"checkpoint_dir_name"' in snapshot.read_text():
+                for p in psutil.process_iter(["cmdline"]):  # Ray titles worker processes ray::<Actor>
+                    if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed["pid"] = p.pid
+                if killed:
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return killed, thread

@@ -189,3 +189,35 @@ def test_labels_that_do_not_fit_the_problem_type_exit_1_naming_file_column_and_c
     assert status == 1, err
     assert f"{path}: 3 row(s) with null label in column 'score'" in err and "data.drop_bad_rows=true" in err
     assert not (out / "model").exists()
+
+
+# ----------------------------------------------------------------------------- resume and Tune
+
+
+def test_multilabel_resume_after_a_worker_is_killed(ray_session, tmp_path):
+    """The resume path is the loop's for every type; multi-label also carries its threshold."""
+    from conftest import kill_a_worker_after_the_first_checkpoint
+
+    out = tmp_path / "run"
+    killed, killer = kill_a_worker_after_the_first_checkpoint(out / "ray" / "run")
+    result = _train("goemotions", out, "train.epochs=3", "data.max_train_rows=192")
+    killer.join()
+    assert killed, "the worker was never killed"
+    assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.history[-1]["restores"] >= 1
+    assert all("f1_micro" in r and "threshold" in r for r in result.history)
+    assert _config(result.model_dir)["threshold"] == result.metrics["threshold"]
+
+
+@pytest.mark.slow
+def test_tune_ranks_trials_by_a_regression_metric(ray_session, tmp_path):
+    from bertray.tune import run
+
+    space = '{"train.lr": {"grid": [3.0e-4, 1.0e-9]}}'
+    cfg = load_config(ROOT / "configs" / "stsb.yaml",
+                      [*SMOKE, f"output_dir={tmp_path / 'tune'}", "checkpoint.metric=spearman", "train.warmup_ratio=0",
+                       f"tune.space={space}", "tune.num_samples=1", "checkpoint.num_to_keep=1"], RunConfig)
+    table = run(cfg)
+    assert list(table.columns)[-3:] == ["best_spearman", "epochs_run", "status"]
+    assert table["best_spearman"].is_monotonic_decreasing  # max mode: best first
+    best = json.loads((tmp_path / "tune" / "best_metrics.json").read_text())
+    assert {"spearman", "pearson", "mse"} <= set(best) and "accuracy" not in best

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, RayCluster, smoke_config
+from conftest import ROOT, RayCluster, kill_a_worker_after_the_first_checkpoint, smoke_config
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.metrics import confusion_matrix as sk_confusion
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
@@ -84,30 +81,11 @@ def test_metrics_equal_sklearn_on_the_same_predictions(trained, data_root):
 
 
 def test_resume_after_a_worker_is_killed(ray_session, tmp_path):
-    import psutil
 
     from bertray.train import run
 
     cfg = smoke_config(tmp_path / "run", "data.max_train_rows=384")
-    run_dir = Path(cfg.storage_path) / cfg.name
-    killed = {}
-
-    def kill_worker_after_first_checkpoint():
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            # a checkpoint counts once Ray Train has registered it (after the upload)
-            snapshot = run_dir / "checkpoint_manager_snapshot.json"
-            if snapshot.exists() and '"checkpoint_dir_name"' in snapshot.read_text():
-                for p in psutil.process_iter(["cmdline"]):  # Ray titles worker processes ray::<Actor>
-                    if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
-                        os.kill(p.pid, signal.SIGKILL)
-                        killed["pid"] = p.pid
-                if killed:
-                    return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_worker_after_first_checkpoint, daemon=True)
-    killer.start()
+    killed, killer = kill_a_worker_after_the_first_checkpoint(Path(cfg.storage_path) / cfg.name)
     result = run(cfg)
     killer.join()
     assert killed, "the worker was never killed"
