@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import ray.data
@@ -264,3 +265,26 @@ def test_data_errors_exit_1_from_jobs_train_before_training(tmp_path, trec, case
     assert status == 1
     assert message in capsys.readouterr().err
     assert not (out / "model").exists() and not (out / "ray").exists()
+
+
+def test_auto_trains_a_float_column_of_few_whole_numbers_as_regression_and_says_so(tmp_path, trec, capsys):
+    df = trec.iloc[:120].copy()
+    df["label"] = df["label"].isin(["HUM", "LOC"]).astype(float)
+    t, v = _write(df.iloc[:100], tmp_path / "t.parquet", "parquet"), _write(df.iloc[100:], tmp_path / "v.parquet", "parquet")
+    p = prepare(DataConfig(train=t, validation=v), "default", 32, seed=0)
+    assert p.problem.name == "regression" and p.label2id == {"label": 0}
+    assert sorted(_rows(p.train)["labels"]) == sorted(df["label"].iloc[:100])
+    out = capsys.readouterr().out
+    assert "holds floats, so model.problem_type=auto trains regression" in out
+    assert "model.problem_type=single_label_classification" in out
+
+
+def test_multi_label_strings_split_on_the_separator(tmp_path, trec):
+    df = trec.iloc[:120].copy()
+    df["label"] = df["label"] + np.where(np.arange(120) % 3 == 0, "|extra", "") + np.where(np.arange(120) % 7 == 0, " | ", "")
+    t, v = _write(df.iloc[:100], tmp_path / "t.parquet", "parquet"), _write(df.iloc[100:], tmp_path / "v.parquet", "parquet")
+    p = prepare(DataConfig(train=t, validation=v, label_separator="|"), "default", 32, seed=0)
+    assert p.problem.name == "multi_label_classification" and "extra" in p.label2id and "" not in p.label2id
+    assert p.label_counts[p.label2id["extra"]] == sum(1 for i in range(100) if i % 3 == 0)
+    first = _rows(p.train)["labels"][0]
+    assert sorted(first) == sorted([p.label2id[df["label"].iloc[0].split("|")[0]], p.label2id["extra"]])
