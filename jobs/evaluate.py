@@ -5,9 +5,10 @@
 
 jobs/predict.py with label_column set (default here: label), reading every format training
 reads (predict reads Parquet only). Writes the predictions (Parquet),
-<output>/_metrics.json (accuracy, precision/recall/F1 macro and weighted, per class,
-confusion matrix) and <output>/_confusion_matrix.png, and prints the summary with the
-full metrics. Exit status: 0 done, 1 bad input/model/output, 2 bad config.
+<output>/_metrics.json (the metrics of the model's problem type: accuracy, F1, per class
+and confusion matrix; multi-label F1 micro/macro/samples at the threshold; regression MSE,
+Pearson, Spearman ...) and a plot (_confusion_matrix.png, _label_f1.png or _scatter.png),
+and prints the summary with the full metrics. Pairs: text_pair_column=<column>. Exit status: 0 done, 1 bad input/model/output, 2 bad config.
 """
 
 import sys
