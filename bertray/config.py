@@ -244,6 +244,9 @@ class RunConfig:
         if self.data.text_pair_column is not None and self.data.text_pair_column == self.data.text_column:
             problems.append(f"data.text_pair_column={self.data.text_pair_column!r} is also data.text_column; "
                             "name the column with the second text of each pair")
+        if self.data.label_separator is not None and self.model.problem_type not in ("auto", "multi_label_classification"):
+            problems.append(f"data.label_separator={self.data.label_separator!r} splits multi-label strings, but "
+                            f"model.problem_type={self.model.problem_type}; unset one of them")
         problems += validate_search_space(self.tune, self)
         if info.context == LOAD:
             problems += _max_length_problems("train.max_length", self.train.max_length, self.model.name)

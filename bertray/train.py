@@ -236,6 +236,7 @@ def run(cfg: RunConfig) -> TrainResult:
     cfg = resolve_problem(resolved, prepared.problem.name)
     rundir.check_labels(run_dir, sorted(prepared.label2id, key=prepared.label2id.get))
     print(f"[bertray] {cfg.model.problem_type}; labels: {prepared.id2label}; training rows: {prepared.train_rows}"
+          + (f"; rows with no label: {prepared.label_stats.empty}" if prepared.label_stats.empty else "")
           + (f"; dropped bad rows: {prepared.dropped_rows}" if prepared.dropped_rows else ""), flush=True)
     result = _fit(build_trainer(cfg, prepared), run_dir)
     if result.error:

@@ -306,6 +306,8 @@ def test_bad_config_exits_before_ray_starts():
     (["checkpoint.metric=f1"], "checkpoint.metric='f1' is no metric bertray computes; use one of"),
     (["model.problem_type=multi", "checkpoint.metric=f1_micro"], "model.problem_type='multi'"),
     (["data.text_pair_column=text"], "data.text_pair_column='text' is also data.text_column"),
+    (["data.label_separator=;", "model.problem_type=regression", "checkpoint.metric=mse"],
+     "data.label_separator=';' splits multi-label"),
 ])
 def test_problem_type_and_metric_are_checked_together(overrides, expected):
     problems = _problems(overrides)
