@@ -140,6 +140,21 @@ def claim(uri: str, fp: dict, fresh_start: bool, what: str = "run", fix: str = "
     return "new"
 
 
+def release(uri: str) -> None:
+    """Undo a new :func:`claim` when the run fails before training starts: a run directory that
+    holds only its record is removed (with its storage folder, if that is left empty), so a bad
+    input leaves nothing behind."""
+    if _entries(uri) != [RUN_FILE]:
+        return
+    fs, path = _fs(uri)
+    fs.delete_dir(path)
+    if "://" not in uri:
+        try:
+            os.rmdir(os.path.dirname(path))  # only if empty: other runs may share the storage
+        except OSError:
+            pass
+
+
 def check_labels(uri: str, labels: list[str], fix: str = "") -> None:
     """Record the label map at the first attempt; a later attempt with other labels is another run."""
     record = read(uri) or {"version": VERSION, "status": "running", "fingerprint": {}}

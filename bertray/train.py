@@ -232,9 +232,7 @@ def run(cfg: RunConfig) -> TrainResult:
     check_train_resources(cfg)
     if previous == "running" and rundir.has_checkpoints(run_dir):
         print(f"[bertray] resuming the run in {run_dir} from its latest checkpoint", flush=True)
-    prepared = prepare_data(cfg)
-    cfg = resolve_problem(resolved, prepared.problem.name)
-    rundir.check_labels(run_dir, sorted(prepared.label2id, key=prepared.label2id.get))
+    cfg, prepared = _prepare(resolved, run_dir, previous)
     print(f"[bertray] {cfg.model.problem_type}; labels: {prepared.id2label}; training rows: {prepared.train_rows}"
           + (f"; rows with no label: {prepared.label_stats.empty}" if prepared.label_stats.empty else "")
           + (f"; dropped bad rows: {prepared.dropped_rows}" if prepared.dropped_rows else ""), flush=True)
@@ -245,6 +243,20 @@ def run(cfg: RunConfig) -> TrainResult:
     out = export(result, cfg)
     rundir.mark(run_dir, "finished")
     return _report(out, cfg)
+
+
+def _prepare(cfg: RunConfig, run_dir: str, previous: str) -> tuple[RunConfig, bdata.PreparedData]:
+    """The data, the problem type it implies and the label map checked against the run's; a new
+    run that fails here leaves no run directory behind."""
+    try:
+        prepared = prepare_data(cfg)
+        cfg = resolve_problem(cfg, prepared.problem.name)
+        rundir.check_labels(run_dir, sorted(prepared.label2id, key=prepared.label2id.get))
+    except BertrayError:
+        if previous == "new":
+            rundir.release(run_dir)
+        raise
+    return cfg, prepared
 
 
 def _finished_problem(cfg: RunConfig, result) -> RunConfig:

@@ -198,3 +198,17 @@ def test_ctrl_c_exits_130_with_state_saved(data_root, tmp_path):
     assert "interrupted:" in rest and "re-run the same command to resume" in rest and str(out) in rest
     assert took < 30, took
     assert json.loads((out / "ray" / "ctrl_c" / rundir.RUN_FILE).read_text())["status"] == "running"
+
+
+def test_release_removes_only_a_run_that_never_started(tmp_path):
+    storage = tmp_path / "ray"
+    fresh, started = str(storage / "fresh"), str(storage / "started")
+    rundir.claim(fresh, {"a": 1}, fresh_start=False)
+    rundir.claim(started, {"a": 1}, fresh_start=False)
+    (storage / "started" / "checkpoint_0").mkdir()
+    rundir.release(fresh)
+    rundir.release(started)
+    assert not (storage / "fresh").exists()
+    assert (storage / "started" / rundir.RUN_FILE).exists() and (storage / "started" / "checkpoint_0").exists()
+    rundir.release(started + "-never-claimed")  # nothing there: nothing to do
+    assert storage.exists()
