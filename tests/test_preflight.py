@@ -153,3 +153,10 @@ def test_a_dictionary_encoded_text_column_passes_the_footer_check(classifier, tm
     cfg = load_config(CONFIG, [f"model.path={classifier}", f"input={path}", f"output={tmp_path / 'out'}"],
                       PredictConfig)
     assert preflight(cfg).footer_rows == 3
+
+
+def test_a_threshold_on_a_single_label_model_is_a_config_error(classifier, parquet_input, tmp_path, capsys):
+    assert cli(f"model.path={classifier}", f"input={parquet_input}", f"output={tmp_path / 'out'}",
+               "threshold=0.3") == 2
+    assert "threshold=0.3: only a multi-label model uses a threshold" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ from bertray.config import ConfigError, PredictConfig
 from bertray.data import TASK_CPUS, DataError, check_columns, detect_format
 from bertray.errors import BertrayError
 from bertray.predict.scan import input_files, parquet_footers, schema_problem
-from bertray.problem import Problem, from_model_config
+from bertray.problem import MULTI, Problem, from_model_config
 
 RESERVED_COLUMNS = ("input_ids", "prediction", "score", "top_k_labels", "top_k_scores", "token_type_ids")
 """Columns predict adds (and the token ids it carries between its stages): an input may not have them."""
@@ -125,6 +125,8 @@ def check_model(cfg: PredictConfig) -> Model:
     except ValueError as e:
         raise PredictError(f"model {path}: {e}") from None
     options = problem.check_output_options(cfg.all_scores, cfg.top_k)
+    if cfg.threshold is not None and problem.name != MULTI:
+        options.append(f"threshold={cfg.threshold}: only a multi-label model uses a threshold; unset threshold")
     if options:
         raise ConfigError([f"{o} ({problem.name} model {path})" for o in options])
     return Model(path, id2label, {name: i for i, name in id2label.items()}, int(tokenizer.pad_token_id or 0),
