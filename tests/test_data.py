@@ -181,7 +181,7 @@ def test_float_and_bool_label_columns_train(tmp_path, trec, fmt, ext, kind):
     df["label"] = flag.astype(float) if kind == "float" else flag
     t = _write(df.iloc[:100], tmp_path / f"t.{ext}", fmt)
     v = _write(df.iloc[100:], tmp_path / f"v.{ext}", fmt)
-    # a float column is regression under problem_type=auto (#16): classes must be asked for
+    # a float column is regression under problem_type=auto: classes must be asked for
     p = prepare(DataConfig(train=t, validation=v), "default", 32, seed=0, problem_type="single_label_classification")
     assert p.label2id == {"0": 0, "1": 1} and p.id2label == {0: "0", 1: "1"}
     assert p.label_counts == {1: int(flag.iloc[:100].sum()), 0: int((~flag.iloc[:100]).sum())}
