@@ -481,7 +481,12 @@ def _load_labelled(path: str, cfg: DataConfig, role: str, holdout=None, problem_
 
     def read(include_paths: bool) -> ray.data.Dataset:
         ds = read_table(path, fmt, columns=cols, include_paths=include_paths, hf_split=role, files=files)
-        return ds.limit(limit) if limit else ds
+        if not limit:
+            return ds
+        # The first rows in file order, on every read: the scan that builds the label map and
+        # the training read must see the same rows (unordered execution would pick others).
+        ds.context.execution_options.preserve_order = True
+        return ds.limit(limit)
 
     with _read_errors_named(files, fmt):
         whole = read_table(path, fmt, hf_split=role, files=files)

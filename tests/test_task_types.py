@@ -200,7 +200,8 @@ def test_multilabel_resume_after_a_worker_is_killed(ray_session, tmp_path):
 
     out = tmp_path / "run"
     killed, killer = kill_a_worker_after_the_first_checkpoint(out / "ray" / "run")
-    result = _train("goemotions", out, "train.epochs=3", "data.max_train_rows=192")
+    # the first 48 validation rows hold only labels the first 192 training rows have
+    result = _train("goemotions", out, "train.epochs=3", "data.max_train_rows=192", "data.max_validation_rows=48")
     killer.join()
     assert killed, "the worker was never killed"
     assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.history[-1]["restores"] >= 1
