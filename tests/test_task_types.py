@@ -1,4 +1,4 @@
-"""Task types end to end (#16): sentence pairs, regression and multi-label through train ->
+"""Task types end to end: sentence pairs, regression and multi-label through train ->
 evaluate on the shipped subsets (MRPC, STS-B, GoEmotions), with smoke-size runs; outputs
 checked against a plain ``transformers`` pipeline on the exported model.
 """
