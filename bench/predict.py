@@ -91,7 +91,8 @@ def quick_classifier(directory: Path) -> Path:
 def run_bertray(args) -> dict:
     import ray
 
-    from bertray.config import PredictConfig, load_config
+    from bertray.config import PredictConfig
+    from bertray.config_loader import load_config
     from bertray.predict import run
 
     # address="local": always a private 2-CPU cluster, never one a `ray start` left running

@@ -80,7 +80,7 @@ def run_trainer(args, best: bool) -> dict:
 def run_bertray(args) -> dict:
     import ray
 
-    from bertray.config import load_config
+    from bertray.config_loader import load_config
     from bertray.train import run
 
     overrides = [f"data.max_train_rows={args.rows}", f"train.max_length={args.max_length}", "train.epochs=1",

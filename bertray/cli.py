@@ -12,7 +12,7 @@ import importlib
 import json
 import sys
 
-from bertray.config import load_config
+from bertray.config_loader import load_config
 from bertray.errors import BertrayError, Interrupted
 
 

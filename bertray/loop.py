@@ -33,7 +33,8 @@ import torch
 from bertray import problem as bproblem
 from bertray.batches import Digest, Prefetch, Timed, collate, epoch_seed, iterate
 from bertray.checkpoint import load_checkpoint, save_checkpoint, unwrap, weights_finite
-from bertray.config import RunConfig, config_from_dict
+from bertray.config import RunConfig
+from bertray.config_loader import config_from_dict
 from bertray.dropout import FastDropout
 from bertray.errors import NonFiniteError
 from bertray.memory import keep_freed_memory

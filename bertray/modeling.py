@@ -6,6 +6,7 @@ unless a config opts in.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING
 
@@ -104,6 +105,24 @@ def load_classifier(name: str, label2id: dict[str, int] | None = None, id2label:
     return model
 
 
+def model_max_positions(name: str) -> tuple[int | None, str]:
+    """The model's ``max_position_embeddings`` and the config.json it was read from.
+
+    A local folder (or ``default``) gives its own; a hub id the copy in the local Hugging Face
+    cache. None when there is none: the check is skipped, and the config check stays offline
+    (an unreachable hub would stall it for half a minute of retries).
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    path = resolve_model_path(name)
+    try:
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else try_to_load_from_cache(path, "config.json")
+        with open(file) as f:
+            return json.load(f).get("max_position_embeddings"), file
+    except (OSError, ValueError, TypeError, AttributeError):  # absent, unreadable, not an id: the loader says so later
+        return None, path
+
+
 def check_is_classifier(path: str) -> None:
     """Raise a clear error when ``path`` is not a sequence-classification model."""
     from transformers import AutoConfig
@@ -146,16 +165,14 @@ def cpu_has_fast_bf16() -> bool:
 
 INFERENCE_EAGER_MAX_WIDTH = 64
 """On CPU, inference batches up to this many tokens wide use eager attention, wider ones SDPA
-(measured with MiniLM-L6 in bf16 on 2 cores; see :class:`AttentionSwitch`)."""
+(see :class:`AttentionSwitch`)."""
 
 
 class AttentionSwitch:
     """Per-batch choice of attention kernel on CPU: eager for narrow batches, SDPA for wide.
 
     On CPU, eager attention beats SDPA's flash kernel on short rows and loses on long ones
-    (measured with MiniLM-L6 in bf16 on 2 cores: training 4-13% faster per step at every
-    width up to 128; inference up to 64 tokens wide 0-8% faster, depending on the run). The
-    kernel is looked up from the config at each forward, so switching costs nothing and
+    (figures in docs/benchmarks.md, "CPU options"). The kernel is looked up from the config at each forward, so switching costs nothing and
     leaves the weights alone. Models on a GPU keep SDPA, and models that cannot switch keep
     their own implementation.
     """

@@ -30,6 +30,21 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (Ray workers may run in another directory, e.g. under
+    ``ray job submit --working-dir``); URIs, ``hf:`` names and "" unchanged."""
+    if not path or is_uri(path) or path.startswith("hf:"):
+        return path
+    return str(Path(path).expanduser().absolute())
+
+
+def default_data_root() -> str:
+    """$BERTRAY_DATA_ROOT, else the example data shipped inside the package (an absolute path
+    through the package's own location, so it holds in a clone, a pip install and the copy
+    that ``ray job submit --working-dir .`` unpacks)."""
+    return os.environ.get("BERTRAY_DATA_ROOT") or str(EXAMPLE_DATA)
+
+
 def is_glob(path: str) -> bool:
     return any(ch in path for ch in _GLOB_CHARS)
 

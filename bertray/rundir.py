@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pyarrow import fs as pafs
 
-from bertray.config import to_dict
+from bertray.config_loader import to_dict
 from bertray.errors import BertrayError
 
 RUN_FILE = "bertray_run.json"

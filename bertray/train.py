@@ -29,7 +29,8 @@ from bertray import problem as bproblem
 from bertray.batches import Prefetch
 from bertray.checkpoint import export_model
 from bertray.cluster import check_train_resources, init_ray, train_request
-from bertray.config import ConfigError, RunConfig, metric_problems, to_dict
+from bertray.config import ConfigError, RunConfig, metric_problems
+from bertray.config_loader import to_dict
 from bertray.errors import BertrayError, Interrupted
 from bertray.metrics import metric_mode
 from bertray.problem import metric_modes

@@ -27,7 +27,8 @@ from ray.tune.schedulers import ASHAScheduler
 from bertray import rundir
 from bertray.checkpoint import export_model
 from bertray.cluster import check_train_resources, cpu_share_per_worker, init_ray
-from bertray.config import RunConfig, apply_overrides, config_from_dict, dump_yaml, to_dict
+from bertray.config import RunConfig
+from bertray.config_loader import apply_overrides, config_from_dict, dump_yaml, to_dict
 from bertray.data import check_inputs
 from bertray.errors import BertrayError, Interrupted
 from bertray.metrics import metric_mode
@@ -40,7 +41,7 @@ TRIAL_CPUS = 0.01
 
 
 def search_space(space: dict) -> dict:
-    """YAML distributions -> Tune distributions (validated earlier by config.validate_search_space)."""
+    """YAML distributions -> Tune distributions (validated earlier by space.validate_search_space)."""
     out = {}
     for key, spec in space.items():
         kind, args = next(iter(spec.items()))

@@ -65,7 +65,8 @@ def ray_session():
 
 def smoke_config(tmp: Path, *overrides: str):
     """configs/smoke.yaml with ``output_dir`` under ``tmp`` and extra overrides."""
-    from bertray.config import RunConfig, load_config
+    from bertray.config import RunConfig
+    from bertray.config_loader import load_config
 
     return load_config(ROOT / "configs" / "smoke.yaml", [f"output_dir={tmp}", *overrides], RunConfig)
 

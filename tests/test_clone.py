@@ -16,7 +16,8 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, ".")
 sys.path.insert(0, "tests")
-from bertray.config import PredictConfig, RunConfig, load_config
+from bertray.config import PredictConfig, RunConfig
+from bertray.config_loader import load_config
 import conftest
 out = {"tests": str(conftest.DATA)}
 for path in sorted(Path("configs").glob("*.yaml")):

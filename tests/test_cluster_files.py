@@ -10,7 +10,7 @@ Checks, without starting Ray or talking to a cloud or Kubernetes:
     by ``ray.runtime_env.RuntimeEnv`` and its pip list matches pyproject.toml's dependencies;
   * every ``python jobs/<x>.py --config configs/<y>.yaml key=value ...`` found in these files
     (YAML strings, manifests embedded in ConfigMaps, README code blocks) names a job and a
-    config that exist, and the config with those overrides passes ``bertray.config.load_config``.
+    config that exist, and the config with those overrides passes ``bertray.config_loader.load_config``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from bertray.config import PredictConfig, RunConfig, load_config
+from bertray.config import PredictConfig, RunConfig
+from bertray.config_loader import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

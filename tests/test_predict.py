@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bertray.config import PredictConfig, load_config
+from bertray.config import PredictConfig
+from bertray.config_loader import load_config
 from bertray.data import DataError
 from bertray.errors import BertrayError
 from bertray.predict import CONFUSION_PNG, METRICS_FILE, SUCCESS_FILE, OutputExistsError, PredictError, run

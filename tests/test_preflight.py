@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from bertray.cli import main
-from bertray.config import ConfigError, PredictConfig, load_config
+from bertray.config import ConfigError, PredictConfig
+from bertray.config_loader import load_config
 from bertray.predict.preflight import NO_LIMIT, PredictError, preflight, resolve_max_length
 from bertray.storage import SUCCESS_FILE
 

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from bertray.cli import main
-from bertray.config import PredictConfig, RunConfig, load_config
+from bertray.config import PredictConfig, RunConfig
+from bertray.config_loader import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # A smoke-size run of a shipped config: 2 of MiniLM's 6 layers, one short epoch.

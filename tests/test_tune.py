@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from conftest import smoke_config
 
-from bertray.config import RunConfig, load_config
+from bertray.config import RunConfig
+from bertray.config_loader import load_config
 
 
 @pytest.mark.slow
