@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bertray import storage
+from bertray.calibration import fold_temperature
 from bertray.errors import NonFiniteError
 from bertray.modeling import has_safetensors
 
@@ -79,8 +80,10 @@ def file_weights_finite(path: str | os.PathLike) -> bool:
     return True
 
 
-def export_model(checkpoint_dir: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Copy the model part of a checkpoint to ``dest`` atomically (:mod:`bertray.storage`).
+def export_model(checkpoint_dir: str | os.PathLike, dest: str | os.PathLike, temperature: float | None = None,
+                 trust_remote_code: bool = False) -> None:
+    """Copy the model part of a checkpoint to ``dest`` atomically (:mod:`bertray.storage`),
+    with ``temperature`` folded into its classifier head when given (:mod:`bertray.calibration`).
 
     The copy is staged in a hidden sibling of ``dest``, checked to hold a loadable model
     (``config.json`` and safetensors weights), then renamed into place: a reader of ``dest``
@@ -100,6 +103,8 @@ def export_model(checkpoint_dir: str | os.PathLike, dest: str | os.PathLike) -> 
             missing.append("model.safetensors")
         if missing:
             raise RuntimeError(f"checkpoint {checkpoint_dir} lacks {missing}; nothing was exported to {dest}")
+        if temperature is not None:
+            fold_temperature(stage.path, temperature, trust_remote_code)
         if not all(file_weights_finite(f) for f in Path(stage.path).glob("*.safetensors")):
             raise NonFiniteError(f"checkpoint {checkpoint_dir} holds non-finite weights (NaN or infinity); not "
                                  "exported. Train again with a lower train.lr or with train.max_grad_norm set")

@@ -1,8 +1,10 @@
 """The shared command line of jobs/*.py: ``--config FILE [key=value ...]``.
 
 Exit status: 0 done; 1 bad input (data, model or output; the message says which and the
-fix); 2 bad config (every problem listed); 130 interrupted, state saved (re-run to resume).
-Ray is imported only once the config is valid.
+fix); 2 bad config (every problem listed); 3 done with an alert (predict: the output and
+its report were committed, but a ``report.max_*`` threshold was exceeded: drift or low
+confidence); 130 interrupted, state saved (re-run to resume). Ray is imported only once
+the config is valid.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 
 from bertray.config_loader import load_config
 from bertray.errors import BertrayError, Interrupted
+
+ALERT_EXIT_STATUS = 3
 
 
 def main(doc: str, cls, runner: str, argv=None) -> int:
@@ -37,4 +41,7 @@ def main(doc: str, cls, runner: str, argv=None) -> int:
         return e.exit_status
     if isinstance(result, dict):
         print(json.dumps(result, indent=2, default=str))
+        if result.get("alerts"):
+            print("alert (the output was written): " + "; ".join(result["alerts"]), file=sys.stderr)
+            return ALERT_EXIT_STATUS
     return 0

@@ -152,6 +152,12 @@ class TrainConfig:
     layer_lr_decay: Annotated[Float, Field(gt=0, le=1)] = 1.0
     """Layer-wise learning-rate decay: the head trains at ``lr``, the top encoder layer at
     ``lr * d``, the next at ``lr * d**2`` ... down to the embeddings. 1.0 turns it off."""
+    calibrate: bool = True
+    """Classification: fit one temperature on the validation logits at every evaluation and fold
+    the best checkpoint's into the exported classifier head, so its scores are calibrated
+    probabilities for every consumer (``pipeline`` too); argmax and predicted labels do not
+    change. ``metrics.json`` gains temperature, ece_before, ece, nll_before, nll; the run
+    writes ``reliability.png``. Regression is never calibrated."""
     fast_dropout: bool = True
     """On CPU, dropout masks take 16 random bits an element instead of torch's one draw per
     element (:mod:`bertray.dropout`): the same distribution, keep probability rounded to
@@ -266,10 +272,28 @@ class PredictModelConfig:
 
 
 @schema
+class ReportConfig:
+    """``_report.json`` beside every predict output, and when it turns the night red (exit 3)."""
+
+    low_confidence: Annotated[Float, Field(gt=0, lt=1)] = 0.5
+    """A row is low-confidence when its score is below this (multi-label: its best label's;
+    a row with no label counts as low)."""
+    previous: Text | None = None
+    """A previous run's output (or its ``_report.json``) to compare with; ``{yesterday}`` is the
+    day before ``date``: ``/data/preds/{yesterday}``. A missing one is a note, not an error."""
+    max_psi: PosFloat | None = None
+    """Alert (exit 3) when the PSI of the predictions against the training labels or the
+    previous run exceeds this (0.25 is the usual "large shift"). None: no PSI alert."""
+    max_low_confidence: Annotated[Float, Field(gt=0, le=1)] | None = None
+    """Alert (exit 3) when the share of low-confidence rows exceeds this. None: no alert."""
+
+
+@schema
 class PredictConfig:
     """Everything ``jobs/predict.py`` needs."""
 
     model: PredictModelConfig = field(default_factory=PredictModelConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     input: str = ""
     """Parquet file, directory (hive partitions kept), glob, local or object store."""
     output: str = ""
@@ -326,8 +350,9 @@ class PredictConfig:
     def resolved(self) -> PredictConfig:
         """Fill ``{data_root}`` and make local paths absolute."""
         root = _abs(self.data_root or default_data_root())
+        report = dataclasses.replace(self.report, previous=_abs(self.report.previous or "") or None)
         return dataclasses.replace(self, data_root=root, input=_abs(self.input.replace("{data_root}", root)),
-                                   model=dataclasses.replace(self.model, path=_abs(self.model.path)))
+                                   model=dataclasses.replace(self.model, path=_abs(self.model.path)), report=report)
 
 
 def metric_problems(problem_type: str, metric: str | None, key: str = "checkpoint.metric") -> list[str]:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bertray import calibration
 from bertray import problem as bproblem
 from bertray.batches import Digest, Prefetch, Timed, collate, epoch_seed, iterate
 from bertray.checkpoint import load_checkpoint, save_checkpoint, unwrap, weights_finite
@@ -47,6 +48,7 @@ from bertray.modeling import (
     load_tokenizer,
 )
 from bertray.problem import Problem
+from bertray.report import TRAINING_FILE
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +175,21 @@ class Job:
     train_rows: int
     class_weights: list[float] | None = None
     """Cross-entropy's ``weight`` or BCE's ``pos_weight``, one per label."""
+    training_distribution: dict | None = None
+    """The training labels' distribution, saved in every checkpoint (:mod:`bertray.report`)."""
 
     @classmethod
     def from_dict(cls, config: dict) -> Job:
         return cls(cfg=config_from_dict(config["cfg"]), label2id=config["label2id"],
                    id2label={int(k): v for k, v in config["id2label"].items()},
-                   train_rows=config["train_rows"], class_weights=config.get("class_weights"))
+                   train_rows=config["train_rows"], class_weights=config.get("class_weights"),
+                   training_distribution=config.get("training_distribution"))
+
+    def checkpoint_files(self) -> dict[str, str]:
+        """Files every checkpoint carries beside the model (and the exported model with it)."""
+        if self.training_distribution is None:
+            return {}
+        return {TRAINING_FILE: json.dumps(self.training_distribution, indent=2)}
 
     @functools.cached_property
     def problem(self) -> Problem:
@@ -366,6 +377,7 @@ def evaluate(r: Recipe) -> dict:
     workers, then turned into metrics once. Inference's attention threshold, not training's."""
     p, w, problem = r.parts, r.worker, r.job.problem
     state = problem.new_state(w.device)
+    kept = [] if r.job.cfg.train.calibrate and problem.calibrates else None
     p.model.eval()
     with torch.inference_mode():
         for i, table in enumerate(iterate(r.validation, r.job.cfg.train.batch_size * 2, 0, False, 0)):
@@ -377,8 +389,25 @@ def evaluate(r: Recipe) -> dict:
             with _autocast(w.device, p.dtype):
                 logits = p.model(**batch).logits.float()
             problem.update(state, logits, labels, p.loss_weight)
+            if kept is not None:
+                kept.append(torch.cat([logits, labels.float().reshape(len(labels), -1)], dim=1))
     p.model.train()
-    return problem.metrics(state.all_reduce() if w.world > 1 else state)
+    metrics = problem.metrics(state.all_reduce() if w.world > 1 else state)
+    if kept is not None:
+        metrics.update(_calibration(kept, problem, w))
+    return metrics
+
+
+def _calibration(kept: list[torch.Tensor], problem: Problem, w: Worker) -> dict:
+    """Temperature and calibration metrics over every worker's validation logits (each worker
+    fits the same temperature on the same gathered rows)."""
+    n, multi = problem.num_labels, problem.name == bproblem.MULTI
+    rows = torch.cat(kept) if kept else torch.zeros((0, 2 * n if multi else n + 1), device=w.device)
+    if w.world > 1:
+        rows = bproblem.all_gather_rows(rows)
+    rows = rows.cpu()
+    logits, labels = rows[:, :n], rows[:, n:]
+    return calibration.calibrate(logits, labels if multi else labels[:, 0].long(), multi)
 
 
 class LossWatch:
@@ -625,9 +654,11 @@ class Reporter:
     ``report`` in a worker); every rank publishes each report, only rank 0 with a checkpoint.
     """
 
-    def __init__(self, rank: int, publish: Callable[[dict, str | None], None], tensorboard_dir: str | None = None):
+    def __init__(self, rank: int, publish: Callable[[dict, str | None], None], tensorboard_dir: str | None = None,
+                 files: dict[str, str] | None = None):
         self.rank = rank
         self.publish = publish
+        self.files = files or {}
         self.writer = None
         if rank == 0 and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -659,6 +690,8 @@ class Reporter:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(tmp, parts.model, parts.tokenizer, parts.optimizer, parts.scheduler, parts.scaler,
                             state.to_json())
+            for name, text in self.files.items():
+                Path(tmp, name).write_text(text)
             self.publish(report, tmp)
 
     def close(self) -> None:

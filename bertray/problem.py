@@ -232,13 +232,13 @@ class EvalState:
         dist.all_reduce(sums)
         if not self.values:
             return EvalState(sums)
-        return EvalState(sums, [_all_gather_rows(torch.cat(self.values))])
+        return EvalState(sums, [all_gather_rows(torch.cat(self.values))])
 
     def gathered(self) -> torch.Tensor:
         return torch.cat(self.values) if self.values else torch.zeros((0, 2), dtype=torch.float64)
 
 
-def _all_gather_rows(local: torch.Tensor) -> torch.Tensor:
+def all_gather_rows(local: torch.Tensor) -> torch.Tensor:
     """Every rank's rows, in rank order (ranks hold different row counts: pad to the largest)."""
     dist = torch.distributed
     world = dist.get_world_size()
@@ -264,6 +264,8 @@ class Problem:
     metric_modes: ClassVar[dict[str, str]]
     """Rankable metrics (``checkpoint.metric``, Tune) and whether lower or higher is better."""
     default_metric: ClassVar[str]
+    calibrates: ClassVar[bool] = True
+    """Scores are probabilities that a temperature can calibrate (:mod:`bertray.calibration`)."""
 
     def __init__(self, label2id: Mapping[str, int] | None = None):
         self.label2id = {str(k): int(v) for k, v in label2id.items()} if label2id is not None else None
@@ -361,6 +363,14 @@ class Problem:
         if not all_scores:
             return []
         return [pa.field(f"score_{self.id2label[i]}", pa.float32()) for i in range(self.num_labels)]
+
+    def calibration_columns(self, all_scores: bool) -> list[str]:
+        """Output columns :meth:`output_events` needs (none: evaluate reports no ECE)."""
+        return []
+
+    def output_events(self, batch: pa.RecordBatch, column: str, where: str = "data"):
+        """(probability, happened) pairs of written predictions for ECE, or None."""
+        return None
 
     def _need_labels(self) -> None:
         if self.label2id is None:
@@ -492,6 +502,15 @@ class SingleLabel(Problem):
             fields += [pa.field("top_k_labels", pa.list_(pa.string())),
                        pa.field("top_k_scores", pa.list_(pa.float32()))]
         return fields + self._score_fields(all_scores)
+
+    def calibration_columns(self, all_scores: bool) -> list[str]:
+        return ["score"]
+
+    def output_events(self, batch: pa.RecordBatch, column: str, where: str = "data"):
+        """The predicted label's probability, and whether it was the true label."""
+        want = self.encode(batch.column(column), where, column).to_numpy(zero_copy_only=False)
+        got = pc.index_in(_combined(batch.column("prediction")), value_set=self._names()).to_numpy(zero_copy_only=False)
+        return batch.column("score").to_numpy(zero_copy_only=False), want == got
 
     def check_output_options(self, all_scores: bool, top_k: int | None) -> list[str]:
         return []
@@ -722,6 +741,18 @@ class MultiLabel(Problem):
         return [pa.field("prediction", pa.list_(pa.string())), pa.field("score", pa.list_(pa.float32())),
                 *self._score_fields(all_scores)]
 
+    def calibration_columns(self, all_scores: bool) -> list[str]:
+        return [f.name for f in self._score_fields(all_scores)]
+
+    def output_events(self, batch: pa.RecordBatch, column: str, where: str = "data"):
+        """Every label's probability (``all_scores`` columns), and whether the label was true."""
+        names = [f.name for f in self._score_fields(True)]
+        if not set(names) <= set(batch.schema.names):
+            return None
+        truth = self.batch_labels(self.encode(batch.column(column), where, column)).numpy()
+        scores = np.stack([batch.column(n).to_numpy(zero_copy_only=False) for n in names], axis=1)
+        return scores.ravel(), truth.ravel() > 0
+
     def check_output_options(self, all_scores: bool, top_k: int | None) -> list[str]:
         return [f"top_k={top_k}: a multi-label prediction already lists every label at or above the "
                 "threshold; unset top_k (all_scores=true gives every label's score)"] if top_k else []
@@ -776,6 +807,7 @@ class Regression(Problem):
     metric_modes = {"mse": "min", "rmse": "min", "mae": "min", "pearson": "max", "spearman": "max", "r2": "max",
                     "loss": "min"}
     default_metric = "mse"
+    calibrates = False
     _bad_kind = ", NaN or infinite"
 
     def __init__(self, label2id=None, label_name: str = "label"):

@@ -27,6 +27,8 @@ from bertray import data as bdata
 from bertray import loop, rundir
 from bertray import problem as bproblem
 from bertray.batches import Prefetch
+from bertray.calibration import METRICS as CALIBRATION_KEYS
+from bertray.calibration import export_temperature, plot_reliability, scaled_threshold
 from bertray.checkpoint import export_model
 from bertray.cluster import check_train_resources, init_ray, train_request
 from bertray.config import ConfigError, RunConfig, metric_problems
@@ -34,6 +36,7 @@ from bertray.config_loader import to_dict
 from bertray.errors import BertrayError, Interrupted
 from bertray.metrics import metric_mode
 from bertray.problem import metric_modes
+from bertray.report import training_distribution
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ def train_loop(config: dict) -> dict | None:
         parts, state = loop.setup(job, worker, resume_dir, ray.train.torch.prepare_model)
     log.info("[bertray] worker %d/%d on node %s: device=%s amp=%s threads=%s", worker.rank, worker.world,
              ray.get_runtime_context().get_node_id()[:12], worker.device, parts.dtype or "fp32", worker.threads)
-    reporter = loop.Reporter(worker.rank, _publish, loop.tensorboard_dir(job.cfg))
+    reporter = loop.Reporter(worker.rank, _publish, loop.tensorboard_dir(job.cfg), job.checkpoint_files())
     if ckpt:
         reporter.progress(f"resumed from checkpoint: epoch {state.epoch} step {state.step_in_epoch} "
                           f"(global step {state.global_step})")
@@ -123,7 +126,8 @@ def build_trainer(cfg: RunConfig, prepared: bdata.PreparedData, callbacks=()) ->
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "label2id": prepared.label2id, "id2label": prepared.id2label,
-                           "train_rows": prepared.train_rows, "class_weights": weights},
+                           "train_rows": prepared.train_rows, "class_weights": weights,
+                           "training_distribution": training_distribution(problem, prepared.label_stats)},
         datasets={"train": prepared.train, "validation": prepared.validation},
         dataset_config=data_config(cfg.scaling.num_workers),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -187,18 +191,26 @@ def export(result, cfg: RunConfig, dest: str | None = None) -> TrainResult:
     problem_type = cfg.model.problem_type
     out = Path(dest or cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    temperature = export_temperature(metrics, cfg.train.calibrate)
     with ckpt.as_directory() as d:
-        export_model(d, out / "model")
+        export_model(d, out / "model", temperature, cfg.model.trust_remote_code)
     # The latest checkpoint carries the whole run's history (the best may be older).
     with (result.checkpoint or ckpt).as_directory() as d:
         history = json.loads((Path(d) / "trainer_state.json").read_text())["history"]
     final = {k: metrics[k] for k in (*metric_modes(problem_type), "threshold", "epoch", "global_step",
-                                     "num_examples") if k in metrics}
+                                     "num_examples", *CALIBRATION_KEYS) if k in metrics}
     if "num_examples" in final:  # a float after the report's round trip
         final["num_examples"] = int(final["num_examples"])
     for table in ("per_class", "confusion_matrix"):  # reported as JSON text
         if table in metrics:
             final[table] = json.loads(metrics[table])
+    if temperature is not None:
+        if "threshold" in final:  # the exported model's, on its calibrated scores
+            final["threshold"] = scaled_threshold(final["threshold"], temperature)
+        plot_reliability(json.loads(metrics["reliability"]), out / "reliability.png",
+                         f"{cfg.name}: validation, temperature {temperature:.3f}")
+    else:
+        final = {k: v for k, v in final.items() if k not in CALIBRATION_KEYS}
     final["checkpoint"] = ckpt.path
     _write_json(out / "metrics.json", final)
     _write_json(out / "history.json", history)

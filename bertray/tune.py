@@ -25,6 +25,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from bertray import rundir
+from bertray.calibration import METRICS as CALIBRATION_KEYS
+from bertray.calibration import export_temperature, scaled_threshold
 from bertray.checkpoint import export_model
 from bertray.cluster import check_train_resources, cpu_share_per_worker, init_ray
 from bertray.config import RunConfig
@@ -219,12 +221,14 @@ def summarize(grid, cfg: RunConfig, metric: str, mode: str) -> pd.DataFrame:
                      f"#   python jobs/train.py --config {out}/best_config.yaml")
     df = best.metrics_dataframe
     row = df.loc[df[metric].idxmin() if mode == "min" else df[metric].idxmax()]
+    best_metrics = {k: (row[k].item() if hasattr(row[k], "item") else row[k]) for k in
+                    (*metric_modes(cfg.model.problem_type), "threshold", "epoch", *CALIBRATION_KEYS) if k in row}
+    temperature = export_temperature(best_metrics, best_cfg.train.calibrate)
     with Checkpoint(row["checkpoint_path"]).as_directory() as d:  # local or object-store storage
-        export_model(d, out / "best_model")
-    (out / "best_metrics.json").write_text(json.dumps(
-        {k: (row[k].item() if hasattr(row[k], "item") else row[k]) for k in
-         (*metric_modes(cfg.model.problem_type), "threshold", "epoch") if k in row} | {"overrides": best_values},
-        indent=2))
+        export_model(d, out / "best_model", temperature, cfg.model.trust_remote_code)
+    if temperature is not None and "threshold" in best_metrics:
+        best_metrics["threshold"] = scaled_threshold(best_metrics["threshold"], temperature)
+    (out / "best_metrics.json").write_text(json.dumps(best_metrics | {"overrides": best_values}, indent=2))
     print("\n[bertray] trials (best first):\n" + table.to_string(index=False), flush=True)
     print(f"[bertray] best config: {out / 'best_config.yaml'}; best model: {out / 'best_model'}", flush=True)
     return table

@@ -4,11 +4,14 @@
     python jobs/predict.py --config configs/predict.yaml model.path=... date=2024-06-01   # backfill a day
     ray job submit --working-dir . -- python jobs/predict.py --config configs/predict.yaml model.path=/shared/model
 
-Writes <output>/*.parquet (the input columns + prediction, score) and <output>/_SUCCESS (the
-run summary, JSON); with label_column set also <output>/_metrics.json and
-_confusion_matrix.png. The output appears complete or not at all (written to a temp dir,
-row counts checked, renamed into place), and replaces only an earlier bertray output. Exit
-status: 0 done, 1 bad input/model/output, 2 bad config (max_length above the model's too).
+Writes <output>/*.parquet (the input columns + prediction, score), <output>/_report.json and
+_report.png (prediction distribution, scores, PSI against the training labels and the previous
+run) and <output>/_SUCCESS (the run summary, JSON); with label_column set also
+<output>/_metrics.json and a plot. The output appears complete or not at all (row counts
+checked, renamed into place), and replaces only an earlier bertray output. A rerun of the same
+command after a failure reuses the input files already predicted. Exit status: 0 done, 1 bad
+input/model/output, 2 bad config (max_length above the model's too), 3 done but a
+report.max_* threshold was crossed (drift or low confidence; the output is committed).
 """
 
 import sys

@@ -391,43 +391,76 @@ def _start_job(model_dir, inp, out) -> tuple[subprocess.Popen, Path]:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), log
 
 
-def _signal_when_partly_written(proc: subprocess.Popen, log: Path, out: Path, sig: int) -> None:
+def _signal_when_pieces_are_done(proc: subprocess.Popen, log: Path, out: Path, sig: int, done: int) -> int:
+    """Send ``sig`` once at least ``done`` input files are finished but not all; returns how many were."""
+    pieces = out.parent / f".{out.name}.pieces"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"the job ended (rc={proc.returncode}) before it could be stopped midway:\n{log.read_text()}")
-        if [f for tmp in out.parent.glob(f".{out.name}.tmp-*") for f in tmp.glob("*.parquet")]:
+        finished = len(list(pieces.glob("*/*/_done.json")))
+        if finished >= done:
             assert not out.exists()
             proc.send_signal(sig)
             proc.wait(timeout=120)
-            return
+            return finished
         time.sleep(0.05)
     proc.kill()
-    pytest.fail(f"no partial output appeared:\n{log.read_text()}")
+    pytest.fail(f"no input file was finished in time:\n{log.read_text()}")
 
 
 @pytest.mark.slow
-def test_interrupted_or_killed_run_leaves_nothing_and_rerun_completes(model_dir, data_root, tmp_path, capsys):
+def test_a_killed_run_resumes_from_its_finished_files_and_matches_an_uninterrupted_run(
+        model_dir, data_root, tmp_path, capsys):
     inp = tmp_path / "in"
-    sst2 = pd.read_parquet(data_root / "sst2" / "train.parquet").head(3 * 4096)  # 3 predictor batches
-    for i in range(3):
-        _write(sst2.iloc[i * 4096:(i + 1) * 4096], inp / f"part-{i}.parquet")
+    sst2 = pd.read_parquet(data_root / "sst2" / "train.parquet").head(8 * 2048)
+    for i in range(8):  # 8 input files, 4 predictor batches
+        _write(sst2.iloc[i * 2048:(i + 1) * 2048], inp / f"part-{i}.parquet")
+    whole = predict(model_dir, inp, tmp_path / "whole", "batch_size=32")
     out = tmp_path / "out" / "preds"
     out.parent.mkdir()
 
-    # Ctrl-C after the first files are written: the temp dir is deleted, the final path never created.
+    # Ctrl-C midway: the final path is never created; the finished files are kept for a rerun.
     proc, log = _start_job(model_dir, inp, out)
-    _signal_when_partly_written(proc, log, out, signal.SIGINT)
-    assert proc.returncode != 0
-    assert not out.exists() and not leftovers(out), log.read_text()
+    _signal_when_pieces_are_done(proc, log, out, signal.SIGINT, done=2)
+    assert proc.returncode != 0 and not out.exists(), log.read_text()
 
-    # SIGKILL: no cleanup can run; still nothing at the final path, only the temp dir.
+    # SIGKILL later on: no cleanup runs at all.
     proc, log = _start_job(model_dir, inp, out)
-    _signal_when_partly_written(proc, log, out, signal.SIGKILL)
-    assert not out.exists()
-    [stale] = leftovers(out)
+    finished = _signal_when_pieces_are_done(proc, log, out, signal.SIGKILL, done=4)
+    assert not out.exists() and finished < 8
+    capsys.readouterr()
 
+    summary = predict(model_dir, inp, out, "batch_size=32")  # the same command as the jobs'
+    reused = int(capsys.readouterr().out.split("reused ")[1].split(" of 8")[0])
+    assert finished <= reused < 8
+    assert summary["rows_in"] == summary["rows_out"] == whole["rows_out"] == len(sst2)
+    got, want = pq.read_table(out).to_pandas(), pq.read_table(tmp_path / "whole").to_pandas()
+    assert got.drop(columns="score").equals(want.drop(columns="score"))  # every row, in input order
+    assert np.allclose(got.score, want.score, atol=1e-6)
+    assert not leftovers(out)  # the pieces go once the output is committed
+
+
+@pytest.mark.slow
+def test_pieces_of_another_command_are_never_mixed_in(model_dir, data_root, tmp_path, capsys):
+    inp = tmp_path / "in"
+    sst2 = pd.read_parquet(data_root / "sst2" / "validation.parquet")
+    for i in range(2):
+        _write(sst2.iloc[i * 400:(i + 1) * 400], inp / f"part-{i}.parquet")
+    out = tmp_path / "preds"
+    pieces = tmp_path / ".preds.pieces"
+    predict(model_dir, inp, out)
+    # leave finished pieces from a run with other settings (as a killed run would)
+    from bertray.predict import pieces as P
+
+    inputs = P.sources(sorted(str(p) for p in inp.glob("*.parquet")), {str(p): 400 for p in inp.glob("*.parquet")})
+    resume = P.prepare(str(pieces), {"model": "another", "settings": {}}, inputs)
+    writer = P.PieceWriter(resume.attempt_uri, [s.identity() for s in inputs])
+    fake = pq.read_table(out).slice(0, 400).append_column(P.SOURCE, pa.array([inputs[0].path] * 400))
+    writer(fake.drop_columns(["prediction"]).append_column("prediction", pa.array(["FAKE"] * 400)))
+    assert len(list(pieces.glob("*/*/_done.json"))) == 1
+    capsys.readouterr()
     summary = predict(model_dir, inp, out)
-    assert summary["rows_out"] == len(pd.read_parquet(out)) == len(sst2)
-    assert "leftovers of killed runs" in capsys.readouterr().out
-    assert stale.exists()  # reported, not deleted: another run might still be writing it
+    assert "discarding staged pieces of another command" in capsys.readouterr().out
+    assert summary["rows_out"] == 800 and "FAKE" not in set(pd.read_parquet(out).prediction)
+    assert not pieces.exists()

@@ -14,9 +14,12 @@ Steps, all streaming (nothing materializes the dataset):
    null/empty texts and labels, and names any damaged file; in evaluate mode unknown or null
    labels fail here, with counts.
 3. Predict (:mod:`.predictor`): ``read (tasks) -> tokenize (CPU actors) -> predict (actors)
-   -> write`` into a staging directory; every task asks for a fraction of a CPU.
-4. Verify rows out = rows in, write the summary (and metrics, :mod:`.output`), commit
-   (:mod:`bertray.storage`).
+   -> write pieces (one actor)``: each input file's predictions become a piece
+   (:mod:`.pieces`), and the files finished by an earlier run of the same command are
+   skipped; every task asks for a fraction of a CPU.
+4. Move the pieces into a staging directory in input order, verify rows out = rows in, write
+   the metrics, the run report (:mod:`bertray.report`) and the summary (:mod:`.output`),
+   commit (:mod:`bertray.storage`), delete the pieces.
 
 Nightly predict reads Parquet (a file, a directory with hive partitions kept, or a glob;
 local or object store); evaluate also reads CSV and JSONL. Text and label columns must be
@@ -43,15 +46,17 @@ import time
 from bertray import storage
 from bertray.config import PredictConfig
 from bertray.data import read_table
+from bertray.predict import pieces
 from bertray.predict.output import (
     CONFUSION_PNG,
     METRICS_FILE,
+    collect_predictions,
     summarize,
     write_metrics,
-    write_predictions,
+    write_report,
     write_summary,
 )
-from bertray.predict.predictor import amp_name, build_predictions
+from bertray.predict.predictor import amp_name, build_predictions, tagged_source, write_pieces
 from bertray.predict.preflight import PredictError, check_input, check_resources, preflight, required_columns
 from bertray.predict.scan import check_labels, scan_input
 from bertray.problem import SINGLE, headline
@@ -62,6 +67,9 @@ __all__ = ["CONFUSION_PNG", "METRICS_FILE", "SUCCESS_FILE", "OutputError", "Outp
 
 log = logging.getLogger(__name__)
 PREDICT_FORMATS = ("parquet",)
+PIECE_SETTINGS = ("text_column", "text_pair_column", "truncation", "batch_size", "amp", "top_k", "all_scores",
+                  "threshold", "use_gpu")
+"""Settings that change an output row: a finished piece is reused only when they are the same."""
 EVALUATE_FORMATS = ("parquet", "csv", "json")
 
 
@@ -85,23 +93,52 @@ def run(cfg: PredictConfig, formats: tuple[str, ...] = PREDICT_FORMATS) -> dict:
     stats = scan_input(cfg.input, plan.files, plan.fmt, required_columns(cfg), plan.footer_rows)
     if cfg.label_column and plan.model.problem.name == SINGLE:  # the others' labels are checked as they are scored
         check_labels(cfg.input, cfg.label_column, stats.labels, plan.model.label2id)
-    source = read_table(cfg.input, files=plan.files)  # the files the checks saw, not a new listing
-    check_input(source, cfg, plan.model.problem)
-    predictions = build_predictions(cfg, plan.model, source)
-    print(f"[bertray] predicting {stats.rows} rows from {len(plan.files)} file(s) with {plan.model.path} "
-          f"-> {plan.output}", flush=True)
+    inputs, resume = _predict_pieces(cfg, plan, stats.rows)
     with storage.staged(plan.fs, plan.final, plan.output) as stage:
-        rows_out, files_out = write_predictions(cfg, plan, predictions, stage, stats.rows)
+        rows_out, files_out = collect_predictions(cfg, plan, resume, inputs, stage, stats.rows)
         metrics = write_metrics(cfg, plan, stage, rows_out) if cfg.label_column else None
+        run_report = write_report(cfg, plan, stage, rows_out)
         summary = summarize(cfg, plan, stats, rows_out, files_out, metrics,
-                            time.perf_counter() - started, amp_name(cfg))
+                            time.perf_counter() - started, amp_name(cfg), run_report)
         write_summary(stage, summary)
         storage.commit(plan.fs, stage.path, plan.final, cfg.on_existing)
+    pieces.discard(resume)
     print(f"[bertray] wrote {rows_out} rows to {plan.output} in {summary['seconds']:.1f}s "
           f"({summary['rows_per_s']} rows/s; empty texts: {summary['empty_texts']})"
           + (f"; {headline(metrics)}" if metrics else ""),
           flush=True)
+    for note in run_report["notes"]:
+        print(f"[bertray] report: {note}", flush=True)
+    for alert in summary["alerts"]:
+        print(f"[bertray] ALERT: {alert}", flush=True)
     return summary
+
+
+def _predict_pieces(cfg: PredictConfig, plan, rows: int) -> tuple[list[pieces.Source], pieces.Resume]:
+    """Predict the input files that have no finished piece from an earlier run of the same
+    command (:mod:`.pieces`); returns every input and where its piece is."""
+    names = read_table(cfg.input, files=plan.files)
+    check_input(names, cfg, plan.model.problem)  # before anything is written
+    inputs = pieces.sources(plan.files, plan.file_rows)
+    per_file = "path" not in names.schema().names  # Ray's per-file path column would overwrite the input's own
+    if not per_file:
+        print("[bertray] note: the input has a column named 'path', so a rerun after a failure redoes the whole "
+              "input instead of only the unfinished files", flush=True)
+        inputs = [pieces.whole(cfg.input, inputs)]
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k in PIECE_SETTINGS}
+    command = pieces.command(plan.model.path, {**settings, "max_length": plan.model.max_length,
+                                               "amp_dtype": amp_name(cfg)})
+    resume = pieces.prepare(pieces.directory(plan.output), command, inputs)
+    todo = [s for s in inputs if s.path not in resume.done]
+    if len(todo) < len(inputs):
+        print(f"[bertray] reused {len(inputs) - len(todo)} of {len(inputs)} input files (finished in an earlier "
+              f"run of this command)", flush=True)
+    if rows and any(s.rows != 0 for s in todo):
+        print(f"[bertray] predicting {len(todo)} file(s) with {plan.model.path} -> {plan.output}", flush=True)
+        source = tagged_source(cfg.input, [s.path for s in todo] if per_file else plan.files,
+                               None if per_file else todo[0].path)
+        write_pieces(build_predictions(cfg, plan.model, source), resume.attempt_uri, todo)
+    return inputs, resume
 
 
 def evaluate(cfg: PredictConfig) -> dict:

@@ -18,16 +18,21 @@ problem type's evaluation state filled batch by batch on the driver.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bertray import calibration, report
 from bertray.config import PredictConfig
-from bertray.data import TASK_CPUS, read_table
+from bertray.data import read_table
+from bertray.predict.pieces import Resume, Source, collect
 from bertray.predict.preflight import Plan
 from bertray.predict.scan import ScanStats, parquet_files, read_schema
 from bertray.problem import MULTI, REGRESSION, SINGLE, EvalState, Problem
@@ -36,7 +41,7 @@ from bertray.storage import SUCCESS_FILE, Stage, write_bytes
 METRICS_FILE = "_metrics.json"
 CONFUSION_PNG = "_confusion_matrix.png"
 PLOT_FILES = {SINGLE: CONFUSION_PNG, MULTI: "_label_f1.png", REGRESSION: "_scatter.png"}
-SUMMARY_METRICS = ("accuracy", "f1_macro", "f1_weighted", "f1_micro", "f1_samples", "threshold",
+SUMMARY_METRICS = ("accuracy", "f1_macro", "f1_weighted", "f1_micro", "f1_samples", "threshold", "ece",
                    "mse", "rmse", "mae", "pearson", "spearman", "r2")
 """The figures ``_SUCCESS`` repeats (those the run's problem type has); ``_metrics.json`` has them all."""
 
@@ -46,18 +51,16 @@ def added_fields(cfg: PredictConfig, problem: Problem) -> list[pa.Field]:
     return problem.output_fields(cfg.all_scores, cfg.top_k)
 
 
-def write_predictions(cfg: PredictConfig, plan: Plan, predictions, stage: Stage, rows_in: int) -> tuple[int, int]:
-    """Write the lazy ``predictions`` into ``stage`` and check rows out = rows in.
-
-    Returns ``(rows written, files written)``.
+def collect_predictions(cfg: PredictConfig, plan: Plan, resume: Resume, inputs: list[Source], stage: Stage,
+                        rows_in: int) -> tuple[int, int]:
+    """Move every input file's finished piece into ``stage`` in input order and check rows out =
+    rows in. Returns ``(rows written, files written)``.
 
     Raises:
-        RuntimeError: the written row count differs from the input's (nothing will be committed).
+        RuntimeError: an input has no finished piece, or the written row count differs from
+            the input's (nothing will be committed).
     """
-    # try_create_dir=False: a write task still running after a failure must not recreate the
-    # staging dir we delete, and Ray must not delete it when no rows were written.
-    if rows_in:
-        predictions.write_parquet(stage.uri, try_create_dir=False, ray_remote_args={"num_cpus": TASK_CPUS})
+    collect(resume, inputs, stage.path)
     written = parquet_files(stage.fs, stage.path)
     if not written:  # no input rows: still leave one (empty) file with the output schema for readers
         written = [_write_empty(cfg, plan, stage)]
@@ -77,7 +80,7 @@ def _write_empty(cfg: PredictConfig, plan: Plan, stage: Stage) -> str:
 
 
 def summarize(cfg: PredictConfig, plan: Plan, stats: ScanStats, rows_out: int, files_out: int,
-              metrics: dict | None, seconds: float, amp: str) -> dict:
+              metrics: dict | None, seconds: float, amp: str, run_report: dict) -> dict:
     """The run summary: returned by ``run``, written to ``_SUCCESS``, printed by the CLI."""
     summary = {
         "rows_in": stats.rows, "rows_out": rows_out, "null_texts": stats.null,
@@ -89,6 +92,8 @@ def summarize(cfg: PredictConfig, plan: Plan, stats: ScanStats, rows_out: int, f
     }
     if metrics is not None:
         summary["metrics"] = {k: metrics[k] for k in SUMMARY_METRICS if k in metrics}
+    summary["psi"] = run_report["psi"]
+    summary["alerts"] = run_report["alerts"]
     return summary
 
 
@@ -116,18 +121,42 @@ def evaluate_output(cfg: PredictConfig, plan: Plan, written_uri: str, rows: int)
         LabelError: null, NaN or unknown labels, with their count (nothing is committed).
     """
     problem = plan.model.problem.for_output()
-    state = problem.new_state()
+    state, sums = problem.new_state(), np.zeros((3, calibration.BINS))
+    calibration_columns = problem.calibration_columns(cfg.all_scores)
     if rows:  # an empty input writes no files
-        ds = read_table(written_uri, columns=[cfg.label_column, "prediction"])
+        ds = read_table(written_uri, columns=[cfg.label_column, "prediction", *calibration_columns])
         for batch in ds.iter_batches(batch_size=8192, batch_format="pyarrow"):
             problem.update_from_output(state, batch.column(cfg.label_column), batch.column("prediction"),
                                        cfg.input, cfg.label_column)
+            events = problem.output_events(batch, cfg.label_column, cfg.input) if calibration_columns else None
+            if events is not None:
+                sums += calibration.bin_sums(*events)
     metrics = problem.metrics(state)
     metrics.pop("loss", None)
+    if sums[0].sum():
+        metrics["ece"] = calibration.ece(calibration.table(sums))
     id2label = plan.model.id2label
     metrics["labels"] = [id2label[i] for i in range(len(id2label))]
     metrics["label_column"] = cfg.label_column
     return metrics, state
+
+
+def write_report(cfg: PredictConfig, plan: Plan, stage: Stage, rows: int) -> dict:
+    """``_report.json`` and ``_report.png`` from the written predictions (:mod:`bertray.report`)."""
+    problem = plan.model.problem
+    base = plan.baselines
+    edges = (base.training or {}).get("edges", []) if problem.name == REGRESSION else []
+    tally = report.OutputTally(problem.name, cfg.report.low_confidence, edges)
+    if rows:  # an empty input writes no files
+        columns = ["prediction"] if problem.name == REGRESSION else ["prediction", "score"]
+        for batch in read_table(stage.uri, columns=columns).iter_batches(batch_size=8192, batch_format="pyarrow"):
+            tally.add(batch)
+    limits = report.Limits(cfg.report.low_confidence, cfg.report.max_psi, cfg.report.max_low_confidence)
+    content = report.build(tally, limits, base.training, base.previous, list(base.notes))
+    write_bytes(stage.fs, f"{stage.path}/{report.REPORT_FILE}", json.dumps(content, indent=2))
+    with _local_file(stage, report.REPORT_PNG) as local:
+        report.plot(content, base.training, base.previous, local)
+    return content
 
 
 def plot_file(problem: Problem) -> str:
@@ -136,19 +165,23 @@ def plot_file(problem: Problem) -> str:
 
 
 def _plot(plan: Plan, metrics: dict, state: EvalState, stage: Stage) -> None:
-    import tempfile
-
     from bertray.metrics import plot_confusion_matrix
 
-    name = plot_file(plan.model.problem)
-    with tempfile.TemporaryDirectory() as d:
-        local = os.path.join(d, name)
+    with _local_file(stage, plot_file(plan.model.problem)) as local:
         if plan.model.problem.name == SINGLE:
             plot_confusion_matrix(metrics["confusion_matrix"], plan.model.id2label, local)
         elif plan.model.problem.name == MULTI:
             _plot_label_f1(metrics["per_class"], local)
         else:
             _plot_scatter(state.gathered().cpu().numpy(), local)
+
+
+@contextlib.contextmanager
+def _local_file(stage: Stage, name: str) -> Iterator[str]:
+    """A local path to write ``name`` to; copied into the stage (any filesystem) on exit."""
+    with tempfile.TemporaryDirectory() as d:
+        local = os.path.join(d, name)
+        yield local
         with open(local, "rb") as f:
             write_bytes(stage.fs, f"{stage.path}/{name}", f.read())
 

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from bertray.config import PredictConfig
 from bertray.data import TASK_CPUS, Tokenize
+from bertray.predict.pieces import PieceWriter, Source
 
 PREDICT_BATCH_ROWS = 4096
 """Rows per predictor call: the window sorted by length, then cut into micro-batches."""
@@ -164,3 +165,29 @@ def amp_name(cfg: PredictConfig) -> str:
     from bertray.modeling import amp_dtype
 
     return {None: "fp32", torch.bfloat16: "bf16"}.get(amp_dtype(cfg.amp, torch.device("cpu")), cfg.amp)
+
+
+def tagged_source(input_path: str, files: list[str], whole: str | None = None):
+    """``files`` as a Ray Dataset whose rows carry their piece (``pieces.SOURCE``): each row its
+    file's path, or every row the name of the ``whole`` input's one piece."""
+    from bertray.data import read_table
+    from bertray.predict.pieces import SOURCE
+
+    if whole is not None:
+        name = whole
+        return read_table(input_path, files=files).map_batches(
+            lambda t: t.append_column(SOURCE, pa.array([name] * t.num_rows, pa.string())),
+            batch_format="pyarrow", num_cpus=TASK_CPUS)
+    return read_table(input_path, files=files, include_paths=True).rename_columns({"path": SOURCE}, num_cpus=TASK_CPUS)
+
+
+def write_pieces(predictions, attempt_uri: str, todo: list[Source]) -> int:
+    """Run the pipeline: each input file's predictions become a piece under ``attempt_uri``
+    (:class:`bertray.predict.pieces.PieceWriter`; one actor, so rows stay in input order).
+    Returns the rows written."""
+    from ray.data import ActorPoolStrategy
+
+    written = predictions.map_batches(
+        PieceWriter, fn_constructor_kwargs={"attempt_uri": attempt_uri, "inputs": [s.identity() for s in todo]},
+        batch_format="pyarrow", batch_size=None, compute=ActorPoolStrategy(size=1), num_cpus=TASK_CPUS)
+    return sum(int(batch["rows"].sum()) for batch in written.iter_batches(batch_format="numpy"))

@@ -7,12 +7,13 @@ cluster's size) and :func:`check_input` (the columns of the Ray Dataset, hive ke
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-from bertray import storage
+from bertray import report, storage
 from bertray.config import ConfigError, PredictConfig
 from bertray.data import TASK_CPUS, DataError, check_columns, detect_format
 from bertray.errors import BertrayError
@@ -50,8 +51,23 @@ class Plan:
     final: str  # output on ``fs`` (no scheme)
     files: list[str]
     fmt: str  # parquet, csv or json
-    footer_rows: int | None  # rows from the Parquet footers; None for CSV/JSONL (counted by the scan)
+    file_rows: dict[str, int] | None  # rows per file from the Parquet footers; None for CSV/JSONL
     model: Model
+    baselines: Baselines
+
+    @property
+    def footer_rows(self) -> int | None:
+        """Rows from the Parquet footers; None for CSV/JSONL (counted by the scan)."""
+        return None if self.file_rows is None else sum(self.file_rows.values())
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """What the run report compares the predictions with (:mod:`bertray.report`)."""
+
+    training: dict | None  # the model's training_distribution.json
+    previous: dict | None  # the previous run's _report.json
+    notes: tuple[str, ...] = ()  # why one of them is missing
 
 
 def resolve_output(cfg: PredictConfig) -> tuple[str, str]:
@@ -78,8 +94,41 @@ def preflight(cfg: PredictConfig, formats: tuple[str, ...] = ("parquet",)) -> Pl
     storage.check_target(fs, final, output, cfg.on_existing)
     model = check_model(cfg)
     _check_not_inside_input(cfg, fs, final, output)
-    files, fmt, footer_rows = check_files(cfg, formats)
-    return Plan(output, date, fs, final, files, fmt, footer_rows, model)
+    files, fmt, file_rows = check_files(cfg, formats)
+    return Plan(output, date, fs, final, files, fmt, file_rows, model, read_baselines(cfg, model, date))
+
+
+def read_baselines(cfg: PredictConfig, model: Model, date: str) -> Baselines:
+    """The model's training distribution and the previous report; a missing one is a note.
+
+    Raises:
+        ReportError: a previous report that exists but is unreadable or not a bertray report.
+    """
+    notes = []
+    training_file = os.path.join(model.path, report.TRAINING_FILE)
+    training = None
+    if os.path.isfile(training_file):
+        with open(training_file) as f:
+            training = json.load(f)
+        if training.get("problem_type") != model.problem.name:
+            training = None
+            notes.append(f"{training_file} is of another problem type: no PSI against training")
+    else:
+        notes.append(f"{model.path} has no {report.TRAINING_FILE} (not trained by this bertray): "
+                     "no PSI against the training labels")
+    previous = None
+    if cfg.report.previous:
+        where = report.previous_path(cfg.report.previous, date)
+        fs, path = storage.filesystem(where)
+        try:
+            with fs.open_input_stream(path) as f:
+                previous = report.parse_previous(f.read().decode("utf-8", errors="replace"), where)
+        except FileNotFoundError:
+            notes.append(f"no previous report at {where}: no PSI against the previous run")
+        except OSError as e:
+            raise report.ReportError(f"report.previous: cannot read {where} ({e}); fix its permissions or "
+                                     "unset report.previous") from None
+    return Baselines(training, previous, tuple(notes))
 
 
 def _check_not_inside_input(cfg: PredictConfig, fs: pafs.FileSystem, final: str, output: str) -> None:
@@ -181,8 +230,8 @@ def required_columns(cfg: PredictConfig) -> dict[str, str]:
             **({"label_column": cfg.label_column} if cfg.label_column else {})}
 
 
-def check_files(cfg: PredictConfig, formats: tuple[str, ...]) -> tuple[list[str], str, int | None]:
-    """``(files, format, rows from the Parquet footers or None)``; Parquet schemas are checked here,
+def check_files(cfg: PredictConfig, formats: tuple[str, ...]) -> tuple[list[str], str, dict[str, int] | None]:
+    """``(files, format, rows per file from the Parquet footers or None)``; Parquet schemas are checked here,
     CSV/JSONL ones by the scan (they have no footer).
 
     Raises:
@@ -201,7 +250,7 @@ def check_files(cfg: PredictConfig, formats: tuple[str, ...]) -> tuple[list[str]
         problem = schema_problem(f, md.schema.to_arrow_schema(), required_columns(cfg))
         if problem:
             raise DataError(problem)
-    return files, fmt, sum(md.num_rows for md in footers.values())
+    return files, fmt, {f: md.num_rows for f, md in footers.items()}
 
 
 def check_input(ds, cfg: PredictConfig, problem: Problem | None = None) -> None:
@@ -225,13 +274,14 @@ def check_resources(cfg: PredictConfig) -> None:
     import ray
 
     total = ray.cluster_resources().get("CPU", 0.0)
-    # The actors hold their CPUs for the whole run; read and write tasks need room for one more task.
-    need = cfg.num_predictors * cfg.predictor_cpus + cfg.num_tokenizer_actors * TASK_CPUS + TASK_CPUS
+    # The actors (predictors, tokenizers, the piece writer) hold their CPUs for the whole run;
+    # read tasks need room for one more task.
+    need = cfg.num_predictors * cfg.predictor_cpus + cfg.num_tokenizer_actors * TASK_CPUS + 2 * TASK_CPUS
     if need > total + 1e-9:
         raise PredictError(
             f"the cluster has {total:g} CPUs but predict needs {need:g}: {cfg.num_predictors} predictor(s) x "
             f"predictor_cpus={cfg.predictor_cpus:g} + {cfg.num_tokenizer_actors} tokenizer actor(s) x {TASK_CPUS} "
-            f"+ {TASK_CPUS} for read/write tasks; lower predictor_cpus or num_predictors")
+            f"+ {TASK_CPUS} for the writer + {TASK_CPUS} for read tasks; lower predictor_cpus or num_predictors")
     if cfg.use_gpu and ray.cluster_resources().get("GPU", 0.0) < cfg.num_predictors:
         raise PredictError(f"use_gpu=true with num_predictors={cfg.num_predictors} needs that many GPUs; "
                            f"the cluster has {ray.cluster_resources().get('GPU', 0.0):g}")
