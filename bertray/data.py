@@ -42,9 +42,6 @@ _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": 
 # Arrow's readers (and Ray's) undo these from the file name.
 _COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
 
-# predict.py lists its input with this name until it calls list_files itself.
-expand_paths = list_files
-
 
 # ----------------------------------------------------------------------------- reading
 

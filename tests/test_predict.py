@@ -451,7 +451,7 @@ def test_pieces_of_another_command_are_never_mixed_in(model_dir, data_root, tmp_
     pieces = tmp_path / ".preds.pieces"
     predict(model_dir, inp, out)
     # leave finished pieces from a run with other settings (as a killed run would)
-    from bertray.predict import pieces as P
+    from bertray import pieces as P
 
     inputs = P.sources(sorted(str(p) for p in inp.glob("*.parquet")), {str(p): 400 for p in inp.glob("*.parquet")})
     resume = P.prepare(str(pieces), {"model": "another", "settings": {}}, inputs)

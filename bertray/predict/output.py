@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from bertray import calibration, report
 from bertray.config import PredictConfig
 from bertray.data import read_table
-from bertray.predict.pieces import Resume, Source, collect
+from bertray.pieces import Resume, Source, collect
 from bertray.predict.preflight import Plan
 from bertray.predict.scan import ScanStats, parquet_files, read_schema
 from bertray.problem import MULTI, REGRESSION, SINGLE, EvalState, Problem
@@ -147,10 +147,11 @@ def write_report(cfg: PredictConfig, plan: Plan, stage: Stage, rows: int) -> dic
     base = plan.baselines
     edges = (base.training or {}).get("edges", []) if problem.name == REGRESSION else []
     tally = report.OutputTally(problem.name, cfg.report.low_confidence, edges)
-    if rows:  # an empty input writes no files
-        columns = ["prediction"] if problem.name == REGRESSION else ["prediction", "score"]
-        for batch in read_table(stage.uri, columns=columns).iter_batches(batch_size=8192, batch_format="pyarrow"):
-            tally.add(batch)
+    columns = ["prediction"] if problem.name == REGRESSION else ["prediction", "score"]
+    for path in parquet_files(stage.fs, stage.path):  # two columns, streamed on the driver
+        with stage.fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=columns):
+                tally.add(batch)
     limits = report.Limits(cfg.report.low_confidence, cfg.report.max_psi, cfg.report.max_low_confidence)
     content = report.build(tally, limits, base.training, base.previous, list(base.notes))
     write_bytes(stage.fs, f"{stage.path}/{report.REPORT_FILE}", json.dumps(content, indent=2))

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from bertray.config import PredictConfig
 from bertray.data import TASK_CPUS, Tokenize
-from bertray.predict.pieces import PieceWriter, Source
+from bertray.pieces import PieceWriter, Source
 
 PREDICT_BATCH_ROWS = 4096
 """Rows per predictor call: the window sorted by length, then cut into micro-batches."""
@@ -171,7 +171,7 @@ def tagged_source(input_path: str, files: list[str], whole: str | None = None):
     """``files`` as a Ray Dataset whose rows carry their piece (``pieces.SOURCE``): each row its
     file's path, or every row the name of the ``whole`` input's one piece."""
     from bertray.data import read_table
-    from bertray.predict.pieces import SOURCE
+    from bertray.pieces import SOURCE
 
     if whole is not None:
         name = whole
@@ -183,7 +183,7 @@ def tagged_source(input_path: str, files: list[str], whole: str | None = None):
 
 def write_pieces(predictions, attempt_uri: str, todo: list[Source]) -> int:
     """Run the pipeline: each input file's predictions become a piece under ``attempt_uri``
-    (:class:`bertray.predict.pieces.PieceWriter`; one actor, so rows stay in input order).
+    (:class:`bertray.pieces.PieceWriter`; one actor, so rows stay in input order).
     Returns the rows written."""
     from ray.data import ActorPoolStrategy
 

@@ -20,8 +20,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bertray.columns import is_text_type, missing_column, text_stats
-from bertray.data import TASK_CPUS, DataError, expand_paths
+from bertray.errors import DataError
 from bertray.labels import label_key
+from bertray.paths import list_files
 from bertray.storage import filesystem
 
 FORMAT_NAMES = {"parquet": "Parquet", "csv": "CSV", "json": "JSONL"}
@@ -38,7 +39,7 @@ def input_files(path: str) -> list[str]:
     Raises:
         DataError: nothing found at ``path``.
     """
-    return expand_paths(path)
+    return list_files(path)
 
 
 def parquet_files(fs: pafs.FileSystem, directory: str) -> list[str]:
@@ -170,6 +171,8 @@ def scan_input(input_path: str, files: list[str], fmt: str, required: dict[str, 
             disagree with the rows read (the input changed during the run).
     """
     import ray.data
+
+    from bertray.data import TASK_CPUS  # scan tasks import this module: it stays free of torch
 
     scans = ray.data.from_items([{"file": f} for f in files]).map(
         scan_file, num_cpus=TASK_CPUS, fn_kwargs={"fmt": fmt, "required": required})

@@ -158,7 +158,12 @@ def collect(resume: Resume, inputs: list[Source], stage_path: str) -> int:
         if parts is None:
             raise RuntimeError(f"no predictions were written for {source.path}; nothing was committed")
         for seq, part in enumerate(parts):
-            fs.move(part, f"{stage_path}/part-{index:05d}-{seq:05d}.parquet")
+            try:
+                fs.move(part, f"{stage_path}/part-{index:05d}-{seq:05d}.parquet")
+            except FileNotFoundError:
+                raise RuntimeError(f"the finished predictions of {source.path} ({part}) were removed while this run "
+                                   "ran (another run of the same command committed them?); nothing was "
+                                   "committed: rerun") from None
             moved += 1
     return moved
 
