@@ -127,12 +127,21 @@ def _finished(fs: pafs.FileSystem, root: str, inputs: list[Source]) -> dict[str,
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
         if not info.path.endswith("/" + DONE_FILE):
             continue
-        record = json.loads(_read(fs, info.path) or "{}")
+        record = _record(fs, info.path)
         source = record.get("source", {})
         parts = record.get("parts", [])
         if want.get(source.get("path")) == source and all(storage.exists(fs, p) for p in parts):
             found[source["path"]] = parts
     return found
+
+
+def _record(fs: pafs.FileSystem, path: str) -> dict:
+    """A ``_done.json``'s content; {} when it is unreadable (a run killed while writing it)."""
+    try:
+        found = json.loads(_read(fs, path) or "{}")
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _read(fs: pafs.FileSystem, path: str) -> str | None:
@@ -173,8 +182,8 @@ def _unchecked(fs: pafs.FileSystem, attempt: str) -> dict[str, list[str]]:
     found = {}
     for info in fs.get_file_info(pafs.FileSelector(attempt, recursive=True, allow_not_found=True)):
         if info.path.endswith("/" + DONE_FILE):
-            record = json.loads(_read(fs, info.path) or "{}")
-            if record.get("source", {}).get("rows") is None:
+            record = _record(fs, info.path)
+            if record and record["source"]["rows"] is None:
                 found[record["source"]["path"]] = record["parts"]
     return found
 

@@ -251,6 +251,19 @@ def test_commit_without_rename_copies_then_marks_success(tmp_path):
 # ----------------------------------------------------------------------------- inputs and model defaults
 
 
+def test_an_input_column_named_path_is_kept_and_the_input_is_one_piece(model_dir, trec_input, tmp_path, capsys):
+    _, df = trec_input
+    rows = df.dropna(subset=["text"]).head(60).assign(path=[f"/logs/{i}.txt" for i in range(60)])
+    _write(rows.iloc[:30], tmp_path / "in" / "a.parquet")
+    _write(rows.iloc[30:], tmp_path / "in" / "b.parquet")
+    summary = predict(model_dir, tmp_path / "in", tmp_path / "out")
+    assert "redoes the whole input" in capsys.readouterr().out
+    out = pq.read_table(tmp_path / "out").to_pandas()
+    assert summary["rows_out"] == len(out) == 60
+    assert out.path.tolist() == rows.path.tolist()  # the input's own column, in input order
+    assert not leftovers(tmp_path / "out")
+
+
 def test_dictionary_encoded_text_is_scored_like_plain_text(model_dir, trec_input, main_run, tmp_path):
     _, df = trec_input
     rows = df.head(40).assign(text=df["text"].head(40).astype("category"))  # null, empty, blank texts included
