@@ -5,7 +5,9 @@ YAML is data; the command line only overrides it with dotted ``key=value`` pairs
 unknown keys; each class checks its own cross-field rules. Every problem is reported at
 once, naming the key, the bad value, what is allowed and the fix, before Ray starts.
 
-This module is pure: it imports no ``ray`` and does nothing at import time.
+This module is the schema; :mod:`bertray.config_loader` reads YAML and overrides and words
+the problems, :mod:`bertray.space` checks Tune's search space. Pure: no ``ray``, nothing at
+import time.
 """
 
 from __future__ import annotations
