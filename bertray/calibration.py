@@ -26,6 +26,11 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
+# Imported with the module, not at export: transformers resolves a path against the working
+# directory when it is imported, which fails in a driver whose working directory was removed
+# while it trained (Ray's runtime-env cleanup of a `--working-dir` copy shared by two nodes).
+from transformers import AutoModelForSequenceClassification
+
 BINS = 15
 METRICS = ("temperature", "ece_before", "ece", "nll_before", "nll")
 """What :func:`calibrate` adds to a checkpoint's metrics (and training to ``metrics.json``)."""
@@ -133,8 +138,6 @@ def classifier_head(model: torch.nn.Module) -> torch.nn.Linear:
 def fold_temperature(model_dir: str | Path, temperature: float, trust_remote_code: bool = False) -> None:
     """Divide the classifier head's weight and bias in ``model_dir`` by ``temperature`` and map a
     multi-label threshold the same way; the temperature is recorded in ``config.json``."""
-    from transformers import AutoModelForSequenceClassification
-
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     head = classifier_head(model)
     with torch.no_grad():

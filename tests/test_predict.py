@@ -426,9 +426,10 @@ def _signal_when_pieces_are_done(proc: subprocess.Popen, log: Path, out: Path, s
 def test_a_killed_run_resumes_from_its_finished_files_and_matches_an_uninterrupted_run(
         model_dir, data_root, tmp_path, capsys):
     inp = tmp_path / "in"
-    sst2 = pd.read_parquet(data_root / "sst2" / "train.parquet").head(8 * 2048)
-    for i in range(8):  # 8 input files, 4 predictor batches
-        _write(sst2.iloc[i * 2048:(i + 1) * 2048], inp / f"part-{i}.parquet")
+    sst2 = pd.read_parquet(data_root / "sst2" / "train.parquet")
+    sst2 = pd.concat([sst2] * -(-8 * 4096 // len(sst2)), ignore_index=True).head(8 * 4096)
+    for i in range(8):  # 8 input files of one predictor batch each: long enough to stop midway under load
+        _write(sst2.iloc[i * 4096:(i + 1) * 4096], inp / f"part-{i}.parquet")
     whole = predict(model_dir, inp, tmp_path / "whole", "batch_size=32")
     out = tmp_path / "out" / "preds"
     out.parent.mkdir()
