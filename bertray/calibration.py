@@ -18,6 +18,7 @@ Pure: torch, numpy and scipy, no ``ray``.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,11 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
-
-# Imported with the module, not at export: transformers resolves a path against the working
-# directory when it is imported, which fails in a driver whose working directory was removed
-# while it trained (Ray's runtime-env cleanup of a `--working-dir` copy shared by two nodes).
-from transformers import AutoModelForSequenceClassification
 
 BINS = 15
 METRICS = ("temperature", "ece_before", "ece", "nll_before", "nll")
@@ -138,6 +134,9 @@ def classifier_head(model: torch.nn.Module) -> torch.nn.Linear:
 def fold_temperature(model_dir: str | Path, temperature: float, trust_remote_code: bool = False) -> None:
     """Divide the classifier head's weight and bias in ``model_dir`` by ``temperature`` and map a
     multi-label threshold the same way; the temperature is recorded in ``config.json``."""
+    _ensure_working_directory(Path(model_dir).parent)
+    from transformers import AutoModelForSequenceClassification
+
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     head = classifier_head(model)
     with torch.no_grad():
@@ -151,6 +150,17 @@ def fold_temperature(model_dir: str | Path, temperature: float, trust_remote_cod
     for old in [*Path(model_dir).glob("*.safetensors"), *Path(model_dir).glob("*.safetensors.index.json")]:
         old.unlink()  # the model is in memory; save_pretrained may shard differently
     model.save_pretrained(str(model_dir), safe_serialization=True)
+
+
+def _ensure_working_directory(fallback: Path) -> None:
+    """transformers resolves paths against the working directory while it imports its model
+    modules; a Ray job driver's working directory (its ``--working-dir`` copy) can be removed
+    under it by the runtime-env cleanup, so move to ``fallback`` when it is gone (every path
+    bertray uses is absolute)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(fallback)
 
 
 def plot_reliability(table: Mapping, path: str | Path, title: str = "") -> None:
