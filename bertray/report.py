@@ -73,10 +73,11 @@ def bin_names(edges: list[float]) -> list[str]:
     return [f"<{edges[0]:.6g}", *inner, f">={edges[-1]:.6g}"]
 
 
-def histogram(values: np.ndarray, edges: list[float]) -> dict[str, int]:
+def histogram(values: np.ndarray, edges: list[float], weights: np.ndarray | None = None) -> dict[str, float]:
+    """Rows (or ``weights``) per bin of :func:`bin_names`; a value equal to an edge goes above it."""
     index = np.searchsorted(np.asarray(edges, dtype=np.float64), values, side="right")
-    counts = np.bincount(index, minlength=len(edges) + 1)
-    return dict(zip(bin_names(edges), (int(c) for c in counts), strict=True))
+    counts = np.bincount(index, weights, minlength=len(edges) + 1)
+    return dict(zip(bin_names(edges), (c.item() for c in counts), strict=True))
 
 
 def training_distribution(problem: Problem, stats: LabelStats) -> dict:
@@ -87,9 +88,7 @@ def training_distribution(problem: Problem, stats: LabelStats) -> dict:
         weights = np.array(list(stats.counts.values()), dtype=np.float64)
         edges = _weighted_quantiles(values, weights, DECILES) if len(values) else []
         edges = sorted(set(edges))
-        counts = dict.fromkeys(bin_names(edges), 0.0)
-        for value, n in stats.counts.items():
-            counts[bin_names(edges)[int(np.searchsorted(edges, float(value), side="right"))]] += n
+        counts = histogram(values, edges, weights)
         return {"problem_type": problem.name, "rows": stats.rows, "edges": edges, "shares": shares(counts)}
     counts = {problem.id2label[i]: float(n) for i, n in problem.label_counts(stats).items()}
     out = {"problem_type": problem.name, "rows": stats.rows}
