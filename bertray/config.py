@@ -215,6 +215,25 @@ class TuneConfig:
 
 
 @schema
+class RegistryConfig:
+    mlflow_uri: Text | None = None
+    """MLflow tracking store: ``http://host:5000``, ``databricks``, ``sqlite:///path/mlflow.db``.
+    None: $MLFLOW_TRACKING_URI, else MLflow's default ``sqlite:///mlflow.db`` (working directory)."""
+
+
+@schema
+class TrackingConfig(RegistryConfig):
+    """MLflow tracking (``pip install 'bertray[mlflow]'``), on when a key here or
+    $MLFLOW_TRACKING_URI is set: params, every evaluation's metrics, files and the model."""
+
+    experiment: Text | None = None
+    """MLflow experiment; None: the run's ``name``."""
+    register_as: Text | None = None
+    """Register the exported model as a new version of this registered model (validation
+    metrics as tags); promote it with an alias and predict ``model.path=models:/<name>@<alias>``."""
+
+
+@schema
 class RunConfig:
     """Everything ``jobs/train.py`` and ``jobs/tune.py`` need."""
 
@@ -224,6 +243,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: Text = "outputs/run"
     """Local directory (or s3://, gs:// URI) that receives model/, metrics.json, tensorboard/."""
     fresh_start: bool = False
@@ -269,7 +289,9 @@ class RunConfig:
 @schema
 class PredictModelConfig:
     path: str = ""
-    """A directory written by ``jobs/train.py`` (``<output_dir>/model``) or any HF sequence classifier."""
+    """A directory written by ``jobs/train.py`` (``<output_dir>/model``) or any HF sequence
+    classifier; or a registered model, ``models:/<name>@<alias>`` or ``models:/<name>/<version>``
+    (MLflow, through ``tracking.mlflow_uri``)."""
     trust_remote_code: bool = False
 
 
@@ -296,6 +318,7 @@ class PredictConfig:
 
     model: PredictModelConfig = field(default_factory=PredictModelConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    tracking: RegistryConfig = field(default_factory=RegistryConfig)
     input: str = ""
     """Parquet file, directory (hive partitions kept), glob, local or object store."""
     output: str = ""

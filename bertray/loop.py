@@ -49,6 +49,7 @@ from bertray.modeling import (
 )
 from bertray.problem import Problem
 from bertray.report import TRAINING_FILE
+from bertray.tracking import MetricLogger, Target
 
 log = logging.getLogger(__name__)
 
@@ -177,13 +178,16 @@ class Job:
     """Cross-entropy's ``weight`` or BCE's ``pos_weight``, one per label."""
     training_distribution: dict | None = None
     """The training labels' distribution, saved in every checkpoint (:mod:`bertray.report`)."""
+    tracking: Target | None = None
+    """The MLflow run rank 0 logs to (:mod:`bertray.tracking`)."""
 
     @classmethod
     def from_dict(cls, config: dict) -> Job:
         return cls(cfg=config_from_dict(config["cfg"]), label2id=config["label2id"],
                    id2label={int(k): v for k, v in config["id2label"].items()},
                    train_rows=config["train_rows"], class_weights=config.get("class_weights"),
-                   training_distribution=config.get("training_distribution"))
+                   training_distribution=config.get("training_distribution"),
+                   tracking=Target.from_dict(config.get("mlflow")))
 
     def checkpoint_files(self) -> dict[str, str]:
         """Files every checkpoint carries beside the model (and the exported model with it)."""
@@ -648,17 +652,18 @@ def raise_if_failed(outcome: dict | None) -> None:
 
 
 class Reporter:
-    """The loop's only I/O: progress lines, TensorBoard scalars (rank 0) and checkpoints.
+    """The loop's only I/O: progress lines, TensorBoard scalars and MLflow metrics (rank 0), checkpoints.
 
     ``publish(metrics, checkpoint_dir_or_None)`` hands a report to the caller (Ray Train's
     ``report`` in a worker); every rank publishes each report, only rank 0 with a checkpoint.
     """
 
     def __init__(self, rank: int, publish: Callable[[dict, str | None], None], tensorboard_dir: str | None = None,
-                 files: dict[str, str] | None = None):
+                 files: dict[str, str] | None = None, mlflow: MetricLogger | None = None):
         self.rank = rank
         self.publish = publish
         self.files = files or {}
+        self.mlflow = mlflow
         self.writer = None
         if rank == 0 and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -675,6 +680,8 @@ class Reporter:
         if self.writer:
             for k, v in values.items():
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        if self.mlflow:  # Hugging Face's names: eval_accuracy, train_loss
+            self.mlflow.log({f"{prefix}_{k}": float(v) for k, v in values.items()}, step)
 
     def evaluation(self, record: dict, metrics: dict, step: int) -> None:
         self.progress(f"eval epoch={record['epoch']} step={step} {bproblem.headline(metrics)}")

@@ -32,8 +32,8 @@ def is_uri(path: str) -> bool:
 
 def absolute(path: str) -> str:
     """A local path made absolute (Ray workers may run in another directory, e.g. under
-    ``ray job submit --working-dir``); URIs, ``hf:`` names and "" unchanged."""
-    if not path or is_uri(path) or path.startswith("hf:"):
+    ``ray job submit --working-dir``); URIs, ``hf:`` and ``models:/`` names and "" unchanged."""
+    if not path or is_uri(path) or path.startswith(("hf:", "models:/")):
         return path
     return str(Path(path).expanduser().absolute())
 

@@ -24,7 +24,7 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
 from bertray import data as bdata
-from bertray import loop, rundir
+from bertray import loop, rundir, tracking
 from bertray import problem as bproblem
 from bertray.batches import Prefetch
 from bertray.calibration import METRICS as CALIBRATION_KEYS
@@ -90,7 +90,8 @@ def train_loop(config: dict) -> dict | None:
         parts, state = loop.setup(job, worker, resume_dir, ray.train.torch.prepare_model)
     log.info("[bertray] worker %d/%d on node %s: device=%s amp=%s threads=%s", worker.rank, worker.world,
              ray.get_runtime_context().get_node_id()[:12], worker.device, parts.dtype or "fp32", worker.threads)
-    reporter = loop.Reporter(worker.rank, _publish, loop.tensorboard_dir(job.cfg), job.checkpoint_files())
+    mlflow = tracking.MetricLogger(job.tracking) if job.tracking and worker.rank == 0 else None
+    reporter = loop.Reporter(worker.rank, _publish, loop.tensorboard_dir(job.cfg), job.checkpoint_files(), mlflow)
     if ckpt:
         reporter.progress(f"resumed from checkpoint: epoch {state.epoch} step {state.step_in_epoch} "
                           f"(global step {state.global_step})")
@@ -115,8 +116,10 @@ def worker_resources(cfg: RunConfig) -> dict:
     return {"CPU": per}
 
 
-def build_trainer(cfg: RunConfig, prepared: bdata.PreparedData, callbacks=()) -> TorchTrainer:
-    """The one TorchTrainer used by ``jobs/train.py`` and by every Tune trial."""
+def build_trainer(cfg: RunConfig, prepared: bdata.PreparedData, callbacks=(),
+                  target: tracking.Target | None = None) -> TorchTrainer:
+    """The one TorchTrainer used by ``jobs/train.py`` and by every Tune trial; ``target``: the
+    MLflow run that rank 0 logs every evaluation to."""
     problem = prepared.problem
     try:
         weights = problem.class_weights(cfg.train.class_weights, prepared.label_counts, prepared.train_rows)
@@ -127,7 +130,8 @@ def build_trainer(cfg: RunConfig, prepared: bdata.PreparedData, callbacks=()) ->
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "label2id": prepared.label2id, "id2label": prepared.id2label,
                            "train_rows": prepared.train_rows, "class_weights": weights,
-                           "training_distribution": training_distribution(problem, prepared.label_stats)},
+                           "training_distribution": training_distribution(problem, prepared.label_stats),
+                           "mlflow": target.to_dict() if target else None},
         datasets={"train": prepared.train, "validation": prepared.validation},
         dataset_config=data_config(cfg.scaling.num_workers),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -233,6 +237,7 @@ def run(cfg: RunConfig) -> TrainResult:
     run_dir = f"{cfg.storage_path}/{cfg.name}"
     fingerprint = rundir.fingerprint(cfg)  # of the config as given: the same on every rerun
     resolved = resolve_problem(cfg)
+    tracker = tracking.Tracker.connect(cfg.tracking.mlflow_uri) if tracking.enabled(cfg.tracking) else None
     previous = rundir.claim(run_dir, fingerprint, cfg.fresh_start)
     init_ray()
     if previous == "finished":
@@ -241,7 +246,8 @@ def run(cfg: RunConfig) -> TrainResult:
               "(set fresh_start=true to train again from scratch)", flush=True)
         result = Result.from_path(run_dir)
         cfg = _finished_problem(resolved, result)
-        return _report(export(result, cfg), cfg)
+        target = start_tracking(tracker, cfg, run_dir, fresh=False)
+        return _report(track(tracker, target, cfg, export(result, cfg)), cfg)
     check_train_resources(cfg)
     if previous == "running" and rundir.has_checkpoints(run_dir):
         print(f"[bertray] resuming the run in {run_dir} from its latest checkpoint", flush=True)
@@ -249,13 +255,40 @@ def run(cfg: RunConfig) -> TrainResult:
     print(f"[bertray] {cfg.model.problem_type}; labels: {prepared.id2label}; training rows: {prepared.train_rows}"
           + (f"; rows with no label: {prepared.label_stats.empty}" if prepared.label_stats.empty else "")
           + (f"; dropped bad rows: {prepared.dropped_rows}" if prepared.dropped_rows else ""), flush=True)
-    result = _fit(build_trainer(cfg, prepared), run_dir)
-    if result.error:
-        raise result.error
-    loop.raise_if_failed(result.return_value)  # a diverged run exports nothing
-    out = export(result, cfg)
+    target = start_tracking(tracker, cfg, run_dir, fresh=previous == "new")
+    with tracking.ended_on_error(tracker, target):
+        result = _fit(build_trainer(cfg, prepared, target=target), run_dir)
+        if result.error:
+            raise result.error
+        loop.raise_if_failed(result.return_value)  # a diverged run exports nothing
+        out = export(result, cfg)
     rundir.mark(run_dir, "finished")
-    return _report(out, cfg)
+    return _report(track(tracker, target, cfg, out), cfg)
+
+
+def start_tracking(tracker: tracking.Tracker | None, cfg: RunConfig, run_dir: str,
+                    fresh: bool) -> tracking.Target | None:
+    """The run's MLflow run (found again by its run directory: a resumed or re-run job continues
+    it); a new one logs the config as params."""
+    if tracker is None:
+        return None
+    target, created = tracker.start(cfg.tracking.experiment or cfg.name, run_dir, cfg.name, fresh)
+    if created:
+        tracker.log_params(target, tracking.flat_params(to_dict(cfg)))
+    print(f"[bertray] MLflow: {'new' if created else 'continuing'} run {target.run_id} in {tracker.uri}", flush=True)
+    return target
+
+
+def track(tracker: tracking.Tracker | None, target: tracking.Target | None, cfg: RunConfig,
+           out: TrainResult) -> TrainResult:
+    """The finished run's files and model to MLflow, and the model registered when asked."""
+    if target is None:
+        return out
+    tracker.finish(target, Path(cfg.output_dir), out.model_dir, out.metrics, int(out.metrics.get("global_step", 0)))
+    if cfg.tracking.register_as:
+        version = tracker.register(target, cfg.tracking.register_as, out.metrics)
+        print(f"[bertray] registered as models:/{cfg.tracking.register_as}/{version} in {tracker.uri}", flush=True)
+    return out
 
 
 def _prepare(cfg: RunConfig, run_dir: str, previous: str) -> tuple[RunConfig, bdata.PreparedData]:

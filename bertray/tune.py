@@ -24,7 +24,7 @@ from ray.train import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from bertray import rundir
+from bertray import rundir, tracking
 from bertray.calibration import METRICS as CALIBRATION_KEYS
 from bertray.calibration import export_temperature, scaled_threshold
 from bertray.checkpoint import export_model
@@ -35,9 +35,10 @@ from bertray.data import check_inputs
 from bertray.errors import BertrayError, Interrupted
 from bertray.metrics import metric_mode
 from bertray.problem import metric_modes
-from bertray.train import build_trainer, prepare_data, resolve_problem
+from bertray.train import TrainResult, build_trainer, prepare_data, resolve_problem, start_tracking, track
 
 SPACE_KEY = "overrides"
+PARENT_KEY = "mlflow_parent"
 # The trial function only waits on its TorchTrainer; Tune needs a non-empty request, so a sliver.
 TRIAL_CPUS = 0.01
 
@@ -96,9 +97,31 @@ def run_trial(config: dict, prepared=None) -> None:
     # a multi-node cluster); TensorBoard files under the trial's output_dir.
     cfg = dataclasses.replace(cfg, output_dir=trial_dir, storage_path=base.storage_path,
                               name=f"{base.name}-{ctx.get_trial_id()}")
-    result = build_trainer(cfg, prepared, callbacks=[TuneReportCallback()]).fit()
-    if result.error:
-        raise result.error
+    tracker, target = _trial_tracking(config.get(PARENT_KEY), base, Path(ctx.get_trial_dir()).name, config[SPACE_KEY])
+    with tracking.ended_on_error(tracker, target):
+        result = build_trainer(cfg, prepared, callbacks=[TuneReportCallback()], target=target).fit()
+        if result.error:
+            raise result.error
+    if target is not None:
+        tracker.end(target, "FINISHED")
+
+
+def _trial_tracking(parent: dict | None, base: RunConfig, trial: str, values: dict):
+    """(tracker, the trial's MLflow run: a child of the search's, named by its sampled values)."""
+    parent = tracking.Target.from_dict(parent)
+    if parent is None:
+        return None, None
+    tracker = tracking.Tracker.connect(parent.uri)
+    target, created = tracker.start(base.tracking.experiment or base.name, _trial_key(base, trial),
+                                    trial_label(values, trial), fresh=False,
+                                    tags={tracking.PARENT_TAG: parent.run_id}, tag=tracking.TRIAL_TAG)
+    if created:
+        tracker.log_params(target, {k: str(v) for k, v in values.items()})
+    return tracker, target
+
+
+def _trial_key(cfg: RunConfig, trial: str) -> str:
+    return f"{cfg.storage_path}/{cfg.name}-tune/{trial}"
 
 
 def run(cfg: RunConfig) -> pd.DataFrame:
@@ -108,6 +131,7 @@ def run(cfg: RunConfig) -> pd.DataFrame:
     check_inputs(cfg.data)
     experiment = f"{cfg.storage_path}/{cfg.name}-tune"  # the search state, beside the trials
     resolved = resolve_problem(cfg)  # a metric that does not fit the problem type: exit 2 before Ray
+    tracker = tracking.Tracker.connect(cfg.tracking.mlflow_uri) if tracking.enabled(cfg.tracking) else None
     _claim(experiment, cfg)
     init_ray()
     scaling = dataclasses.replace(cfg.scaling, cpus_per_worker=trial_cpus_per_worker(cfg))
@@ -121,7 +145,9 @@ def run(cfg: RunConfig) -> pd.DataFrame:
     prepared = prepare_data(cfg)
     cfg = resolve_problem(resolved, prepared.problem.name)
     metric, mode = cfg.checkpoint.metric, metric_mode(cfg.checkpoint.metric)
-    space = {"base": to_dict(dataclasses.replace(cfg, scaling=scaling)), SPACE_KEY: search_space(cfg.tune.space)}
+    parent = start_tracking(tracker, cfg, experiment, fresh=not cfg.tune.resume)
+    space = {"base": to_dict(dataclasses.replace(cfg, scaling=scaling)), SPACE_KEY: search_space(cfg.tune.space),
+             PARENT_KEY: parent.to_dict() if parent else None}
     trainable = tune.with_resources(tune.with_parameters(run_trial, prepared=prepared), {"CPU": TRIAL_CPUS})
     if cfg.tune.resume and tune.Tuner.can_restore(experiment):
         print(f"[bertray] resuming the search in {experiment}", flush=True)
@@ -138,14 +164,30 @@ def run(cfg: RunConfig) -> pd.DataFrame:
             ),
             run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=cfg.storage_path),
         )
-    with _interrupt_flag() as interrupted:
-        grid = tuner.fit()
-    if interrupted.is_set():
-        raise Interrupted(f"the search stopped with its state saved in {experiment}; "
-                          "re-run the same command with tune.resume=true to resume it")
-    table = summarize(grid, cfg, metric, mode)
+    with tracking.ended_on_error(tracker, parent):
+        with _interrupt_flag() as interrupted:
+            grid = tuner.fit()
+        if interrupted.is_set():
+            raise Interrupted(f"the search stopped with its state saved in {experiment}; "
+                              "re-run the same command with tune.resume=true to resume it")
+        table = summarize(grid, cfg, metric, mode)
+        _track_search(tracker, parent, cfg, grid.get_best_result(metric=metric, mode=mode, scope="all"))
     rundir.mark(experiment, "finished")
     return table
+
+
+def _track_search(tracker, parent: tracking.Target | None, cfg: RunConfig, best) -> None:
+    """The best trial's MLflow run tagged; the search's run gets the summary files and the best
+    model (registered when ``tracking.register_as`` is set)."""
+    if parent is None:
+        return
+    out = Path(cfg.output_dir)
+    child = tracker.find(cfg.tracking.experiment or cfg.name, tracking.TRIAL_TAG, _trial_key(cfg, Path(best.path).name))
+    if child is not None:
+        tracker.client.set_tag(child.run_id, tracking.BEST_TRIAL_TAG, "true")
+    metrics = json.loads((out / "best_metrics.json").read_text())
+    metrics.pop("overrides", None)
+    track(tracker, parent, cfg, TrainResult(str(out / "best_model"), metrics, [], best.path))
 
 
 def _claim(experiment: str, cfg: RunConfig) -> None:

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 
-from bertray import pieces, storage
+from bertray import pieces, storage, tracking
 from bertray.config import PredictConfig
 from bertray.data import read_table
 from bertray.predict.output import (
@@ -49,7 +49,8 @@ def run(cfg: PredictConfig, formats: tuple[str, ...] = PREDICT_FORMATS) -> dict:
     from bertray.cluster import init_ray
 
     started = time.perf_counter()
-    plan = preflight(cfg, formats)
+    cfg, registered = _registered_model(cfg)
+    plan = preflight(cfg, formats, registered)
     init_ray()
     check_resources(cfg)
     _warn_stale(plan)
@@ -75,6 +76,16 @@ def run(cfg: PredictConfig, formats: tuple[str, ...] = PREDICT_FORMATS) -> dict:
     for alert in summary["alerts"]:
         print(f"[bertray] ALERT: {alert}", flush=True)
     return summary
+
+
+def _registered_model(cfg: PredictConfig) -> tuple[PredictConfig, dict | None]:
+    """``model.path=models:/<name>@<alias>`` (or ``/<version>``) resolved through the MLflow
+    registry to its cached local copy; returns the config on that copy and what was resolved."""
+    if not tracking.is_registry_uri(cfg.model.path):
+        return cfg, None
+    found = tracking.resolve_model(cfg.model.path, cfg.tracking.mlflow_uri)
+    print(f"[bertray] {found.uri} is version {found.version} of {found.name} ({found.tracking_uri})", flush=True)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=found.path)), found.to_dict()
 
 
 def _predict_pieces(cfg: PredictConfig, plan, rows: int) -> tuple[list[pieces.Source], pieces.Resume]:

@@ -92,6 +92,8 @@ def summarize(cfg: PredictConfig, plan: Plan, stats: ScanStats, rows_out: int, f
     }
     if metrics is not None:
         summary["metrics"] = {k: metrics[k] for k in SUMMARY_METRICS if k in metrics}
+    if plan.registered:
+        summary["model_registry"] = plan.registered
     summary["psi"] = run_report["psi"]
     summary["alerts"] = run_report["alerts"]
     return summary
@@ -154,6 +156,7 @@ def write_report(cfg: PredictConfig, plan: Plan, stage: Stage, rows: int) -> dic
                 tally.add(batch)
     limits = report.Limits(cfg.report.low_confidence, cfg.report.max_psi, cfg.report.max_low_confidence)
     content = report.build(tally, limits, base.training, base.previous, list(base.notes))
+    content["model"] = {"path": plan.model.path, **({"registry": plan.registered} if plan.registered else {})}
     write_bytes(stage.fs, f"{stage.path}/{report.REPORT_FILE}", json.dumps(content, indent=2))
     with _local_file(stage, report.REPORT_PNG) as local:
         report.plot(content, base.training, base.previous, local)

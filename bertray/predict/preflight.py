@@ -54,6 +54,7 @@ class Plan:
     file_rows: dict[str, int] | None  # rows per file from the Parquet footers; None for CSV/JSONL
     model: Model
     baselines: Baselines
+    registered: dict | None = None  # the registry version model.path named (bertray.tracking.RegisteredModel)
 
     @property
     def footer_rows(self) -> int | None:
@@ -79,7 +80,7 @@ def resolve_output(cfg: PredictConfig) -> tuple[str, str]:
     return out, date
 
 
-def preflight(cfg: PredictConfig, formats: tuple[str, ...] = ("parquet",)) -> Plan:
+def preflight(cfg: PredictConfig, formats: tuple[str, ...] = ("parquet",), registered: dict | None = None) -> Plan:
     """Every check that needs no Ray and reads no data pages: output rule, model, input files and columns.
 
     ``formats``: the input formats accepted (predict: Parquet; evaluate: also CSV and JSONL).
@@ -95,7 +96,7 @@ def preflight(cfg: PredictConfig, formats: tuple[str, ...] = ("parquet",)) -> Pl
     model = check_model(cfg)
     _check_not_inside_input(cfg, fs, final, output)
     files, fmt, file_rows = check_files(cfg, formats)
-    return Plan(output, date, fs, final, files, fmt, file_rows, model, read_baselines(cfg, model, date))
+    return Plan(output, date, fs, final, files, fmt, file_rows, model, read_baselines(cfg, model, date), registered)
 
 
 def read_baselines(cfg: PredictConfig, model: Model, date: str) -> Baselines:
