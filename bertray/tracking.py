@@ -325,19 +325,19 @@ def resolve_model(model_uri: str, configured_uri: str | None, key: str = "model.
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except Exception as e:  # noqa: BLE001
-        raise TrackingError(_not_found(client, model_uri, name, alias, uri, e)) from None
+        what = f"alias @{alias}" if alias else f"version {version}"
+        raise TrackingError(_not_found(client, model_uri, name, what, uri, e)) from None
     path = _download(client, uri, name, int(mv.version), mv.source)
     return RegisteredModel(model_uri, name, int(mv.version), alias, mv.run_id, uri, path)
 
 
-def _not_found(client, model_uri: str, name: str, alias: str | None, uri: str, e: Exception) -> str:
+def _not_found(client, model_uri: str, name: str, what: str, uri: str, e: Exception) -> str:
     try:
         model = client.get_registered_model(name)
     except Exception:  # noqa: BLE001
         return (f"{model_uri}: no registered model {name!r} in {uri} ({_first_line(e)}); register one with "
                 "tracking.register_as in jobs/train.py, or fix the name or tracking.mlflow_uri")
     aliases = ", ".join(f"@{a}" for a in sorted(getattr(model, "aliases", {}) or {})) or "none"
-    what = f"alias @{alias}" if alias else "that version"
     return (f"{model_uri}: registered model {name!r} in {uri} has no {what} (aliases: {aliases}); set it with "
             f"MlflowClient().set_registered_model_alias({name!r}, <alias>, <version>) or use an existing one")
 
