@@ -267,7 +267,7 @@ def run(cfg: RunConfig) -> TrainResult:
 
 
 def start_tracking(tracker: tracking.Tracker | None, cfg: RunConfig, run_dir: str,
-                    fresh: bool) -> tracking.Target | None:
+                   fresh: bool) -> tracking.Target | None:
     """The run's MLflow run (found again by its run directory: a resumed or re-run job continues
     it); a new one logs the config as params."""
     if tracker is None:
@@ -280,13 +280,18 @@ def start_tracking(tracker: tracking.Tracker | None, cfg: RunConfig, run_dir: st
 
 
 def track(tracker: tracking.Tracker | None, target: tracking.Target | None, cfg: RunConfig,
-           out: TrainResult) -> TrainResult:
+          out: TrainResult) -> TrainResult:
     """The finished run's files and model to MLflow, and the model registered when asked."""
     if target is None:
         return out
-    tracker.finish(target, Path(cfg.output_dir), out.model_dir, out.metrics, int(out.metrics.get("global_step", 0)))
-    if cfg.tracking.register_as:
-        version = tracker.register(target, cfg.tracking.register_as, out.metrics)
+    try:
+        tracker.finish(target, Path(cfg.output_dir), out.model_dir, out.metrics, int(out.metrics.get("global_step", 0)))
+        version = tracker.register(target, cfg.tracking.register_as, out.metrics) if cfg.tracking.register_as else None
+    except Exception as e:  # noqa: BLE001 - MLflow's errors: the model itself is in place
+        raise tracking.TrackingError(f"the model is in {out.model_dir}, but recording it in MLflow ({tracker.uri}) "
+                                     f"failed: {type(e).__name__}: {str(e)[:300]}; re-run the same command to record "
+                                     "it again (it continues the same MLflow run, nothing is retrained)") from e
+    if version is not None:
         print(f"[bertray] registered as models:/{cfg.tracking.register_as}/{version} in {tracker.uri}", flush=True)
     return out
 
