@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import ROOT, smoke_config
 
-from bertray import rundir
+from bertray import rundir, tracking
 from bertray.cli import main
 from bertray.cluster import MIN_CPU_SHARE, _shortfall, cpu_share_per_worker, train_request
 from bertray.config import RunConfig
@@ -180,7 +180,8 @@ def test_finished_run_reexports_without_training(ray_session, data_root, tmp_pat
 @pytest.mark.slow
 def test_ctrl_c_exits_130_with_state_saved(data_root, tmp_path):
     out = tmp_path / "ctrl_c"
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # tracked through the standard variable
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1", tracking.ENV_URI: store}
     proc = subprocess.Popen([sys.executable, "jobs/train.py", "--config", SMOKE, f"output_dir={out}",
                              "train.epochs=50", "train.log_every_n_steps=1"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -198,6 +199,13 @@ def test_ctrl_c_exits_130_with_state_saved(data_root, tmp_path):
     assert "interrupted:" in rest and "re-run the same command to resume" in rest and str(out) in rest
     assert took < 30, took
     assert json.loads((out / "ray" / "ctrl_c" / rundir.RUN_FILE).read_text())["status"] == "running"
+    # The MLflow run is marked KILLED, and a rerun finds it again by its run directory (no second run).
+    tracker = tracking.Tracker.connect(store)
+    runs = tracker.client.search_runs([tracker.client.get_experiment_by_name("ctrl_c").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert runs[0].data.tags[tracking.RUN_DIR_TAG] == str(out / "ray" / "ctrl_c")
+    again, created = tracker.start("ctrl_c", str(out / "ray" / "ctrl_c"), "ctrl_c", fresh=False)
+    assert not created and again.run_id == runs[0].info.run_id
 
 
 def test_release_removes_only_a_run_that_never_started(tmp_path):
