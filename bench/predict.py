@@ -106,7 +106,7 @@ def run_bertray(args) -> dict:
     summary = run(cfg)
     seconds = time.perf_counter() - start
     ray.shutdown()
-    return {"seconds": seconds, "rows": summary["rows_out"]}
+    return {"seconds": seconds, "rows": summary["rows_out"], "stage_seconds": summary["stage_seconds"]}
 
 
 def run_pipeline(args) -> dict:
@@ -268,6 +268,10 @@ def main(argv=None) -> int:
             ratio = f"{r['rows_per_s'] / base['rows_per_s']:.2f}x" if base else "-"
             print(f"| {name} | {r['rows']} | {r['seconds']:.1f} | {r['rows_per_s']:.1f} | {ratio} | "
                   f"{r['peak_rss_mib']:.0f} | {r['peak_uss_mib']:.0f} |")
+    stages = results["bertray"]["stage_seconds"]
+    overhead = stages.get("collect", 0) + stages.get("report", 0)
+    print(f"\nbertray stages (s): {stages}; staging the pieces and the run report: {overhead:.1f} s, "
+          f"{overhead / results['bertray']['seconds']:.1%} of the job")
     if results.get("agreement") is not None:
         print(f"\nsame prediction on {results['agreement']:.2%} of rows (bertray amp=auto vs pipeline fp32)")
     if growth:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 
 from bertray import pieces, storage, tracking
 from bertray.config import PredictConfig
@@ -49,6 +50,7 @@ def run(cfg: PredictConfig, formats: tuple[str, ...] = PREDICT_FORMATS) -> dict:
     from bertray.cluster import init_ray
 
     started = time.perf_counter()
+    clock = _Laps(started)
     cfg, registered = _registered_model(cfg)
     plan = preflight(cfg, formats, registered)
     init_ray()
@@ -57,13 +59,20 @@ def run(cfg: PredictConfig, formats: tuple[str, ...] = PREDICT_FORMATS) -> dict:
     stats = scan_input(cfg.input, plan.files, plan.fmt, required_columns(cfg), plan.footer_rows)
     if cfg.label_column and plan.model.problem.name == SINGLE:  # the others' labels are checked as they are scored
         check_labels(cfg.input, cfg.label_column, stats.labels, plan.model.label2id)
+    clock.lap("checks")
     inputs, resume = _predict_pieces(cfg, plan, stats.rows)
+    clock.lap("predict")
     with storage.staged(plan.fs, plan.final, plan.output) as stage:
         rows_out, files_out = collect_predictions(cfg, plan, resume, inputs, stage, stats.rows)
+        clock.lap("collect")
         metrics = write_metrics(cfg, plan, stage, rows_out) if cfg.label_column else None
+        if metrics is not None:
+            clock.lap("evaluate")
         run_report = write_report(cfg, plan, stage, rows_out)
+        clock.lap("report")
         summary = summarize(cfg, plan, stats, rows_out, files_out, metrics,
                             time.perf_counter() - started, amp_name(cfg), run_report)
+        summary["stage_seconds"] = clock.laps
         write_summary(stage, summary)
         storage.commit(plan.fs, stage.path, plan.final, cfg.on_existing)
     pieces.discard(resume)
@@ -76,6 +85,19 @@ def run(cfg: PredictConfig, formats: tuple[str, ...] = PREDICT_FORMATS) -> dict:
     for alert in summary["alerts"]:
         print(f"[bertray] ALERT: {alert}", flush=True)
     return summary
+
+
+@dataclass
+class _Laps:
+    """Seconds per stage of a run, for ``_SUCCESS``'s ``stage_seconds`` (where a night's time went)."""
+
+    last: float
+    laps: dict[str, float] = field(default_factory=dict)
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self.last, 3)
+        self.last = now
 
 
 def _registered_model(cfg: PredictConfig) -> tuple[PredictConfig, dict | None]:
