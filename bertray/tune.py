@@ -171,20 +171,27 @@ def run(cfg: RunConfig) -> pd.DataFrame:
             raise Interrupted(f"the search stopped with its state saved in {experiment}; "
                               "re-run the same command with tune.resume=true to resume it")
         table = summarize(grid, cfg, metric, mode)
-        _track_search(tracker, parent, cfg, grid.get_best_result(metric=metric, mode=mode, scope="all"))
+        _track_search(tracker, parent, cfg, grid, grid.get_best_result(metric=metric, mode=mode, scope="all"))
     rundir.mark(experiment, "finished")
     return table
 
 
-def _track_search(tracker, parent: tracking.Target | None, cfg: RunConfig, best) -> None:
-    """The best trial's MLflow run tagged; the search's run gets the summary files and the best
-    model (registered when ``tracking.register_as`` is set)."""
+def _track_search(tracker, parent: tracking.Target | None, cfg: RunConfig, grid, best) -> None:
+    """Every trial's MLflow run ended (a trial ASHA stopped is killed before it can end its own:
+    FINISHED, or FAILED with an error), the best one tagged; the search's run gets the summary
+    files and the best model (registered when ``tracking.register_as`` is set)."""
     if parent is None:
         return
+    experiment = cfg.tracking.experiment or cfg.name
+    for result in grid:
+        child = tracker.find(experiment, tracking.TRIAL_TAG, _trial_key(cfg, Path(result.path).name))
+        if child is None:
+            continue
+        if tracker.client.get_run(child.run_id).info.status == "RUNNING":
+            tracker.end(child, "FAILED" if result.error else "FINISHED")
+        if result.path == best.path:
+            tracker.client.set_tag(child.run_id, tracking.BEST_TRIAL_TAG, "true")
     out = Path(cfg.output_dir)
-    child = tracker.find(cfg.tracking.experiment or cfg.name, tracking.TRIAL_TAG, _trial_key(cfg, Path(best.path).name))
-    if child is not None:
-        tracker.client.set_tag(child.run_id, tracking.BEST_TRIAL_TAG, "true")
     metrics = json.loads((out / "best_metrics.json").read_text())
     metrics.pop("overrides", None)
     track(tracker, parent, cfg, TrainResult(str(out / "best_model"), metrics, [], best.path))

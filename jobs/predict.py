@@ -2,6 +2,7 @@
 
     python jobs/predict.py --config configs/predict.yaml model.path=outputs/sst2/model
     python jobs/predict.py --config configs/predict.yaml model.path=... date=2024-06-01   # backfill a day
+    python jobs/predict.py --config configs/predict.yaml model.path=models:/sst2@champion  # MLflow registry
     ray job submit --working-dir . -- python jobs/predict.py --config configs/predict.yaml model.path=/shared/model
 
 Writes <output>/*.parquet (the input columns + prediction, score), <output>/_report.json and

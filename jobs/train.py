@@ -3,7 +3,9 @@
     python jobs/train.py --config configs/sst2.yaml [key=value ...]
     ray job submit --working-dir . -- python jobs/train.py --config configs/sst2.yaml output_dir=/shared/run1
 
-Writes <output_dir>/model (Hugging Face format), metrics.json and tensorboard/.
+Writes <output_dir>/model (Hugging Face format), metrics.json and tensorboard/; with
+tracking.mlflow_uri (or MLFLOW_TRACKING_URI) also an MLflow run, and with
+tracking.register_as=<name> a registered model version for predict's model.path=models:/<name>@<alias>.
 Re-running the same command resumes from the latest checkpoint; another config in the same
 output_dir is refused (fresh_start=true starts over).
 """

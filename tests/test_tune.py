@@ -62,3 +62,4 @@ def _check_mlflow(cfg):
     assert len(best) == 1 and float(best[0].data.params["train.lr"]) == pytest.approx(1e-3)
     assert best[0].info.run_name.startswith("lr=0.001")
     assert all(client.get_metric_history(r.info.run_id, "eval_loss") for r in children)
+    assert {r.info.status for r in children} == {"FINISHED"}  # the ones ASHA stopped too
