@@ -348,10 +348,12 @@ def cache_root() -> Path:
 
 
 def _download(client, uri: str, name: str, version: int, source: str) -> str:
-    """The version's files under the cache (downloaded to a temporary folder, then renamed in)."""
+    """The version's files under the cache (downloaded to a temporary folder, then renamed in).
+    Keyed by the store and the version's source too: a model deleted and registered again gets
+    its version numbers again, and must not be served the old files."""
     mlflow = _mlflow()
-    store = hashlib.sha256(uri.encode()).hexdigest()[:12]
-    dest = cache_root() / "models" / store / name / str(version)
+    key = hashlib.sha256(f"{uri}\n{source}".encode()).hexdigest()[:16]
+    dest = cache_root() / "models" / name / f"{version}-{key}"
     if (dest / "config.json").is_file():
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

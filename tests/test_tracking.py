@@ -103,6 +103,20 @@ def test_register_is_idempotent_and_an_alias_resolves_to_a_cached_copy(store, tm
     assert (Path(tracking.resolve_model("models:/clf/1", store).path) / "weights.txt").read_text() == "cached"
 
 
+def test_a_model_registered_again_under_an_old_version_number_is_not_served_from_the_cache(store, tmp_path):
+    tracker = Tracker.connect(store)
+    tracker.register(_logged_run(tracker, tmp_path, "r1", {}), "clf", {})
+    first = tracking.resolve_model("models:/clf/1", store)
+    tracker.client.delete_registered_model("clf")
+    second_run = _logged_run(tracker, tmp_path, "r2", {})
+    (tmp_path / "r2" / "model" / "weights.txt").write_text("w2")
+    tracker.client.log_artifacts(second_run.run_id, str(tmp_path / "r2" / "model"), "model")
+    assert tracker.register(second_run, "clf", {}) == 1
+    second = tracking.resolve_model("models:/clf/1", store)
+    assert second.run_id == second_run.run_id and second.path != first.path
+    assert (Path(second.path) / "weights.txt").read_text() == "w2"
+
+
 @pytest.mark.parametrize("uri, message", [
     ("models:/clf@prod", "has no alias @prod (aliases: @champion)"),
     ("models:/clf/9", "has no version 9"),
