@@ -39,7 +39,7 @@ from bertray.config_loader import config_from_dict
 from bertray.dropout import FastDropout
 from bertray.errors import NonFiniteError
 from bertray.memory import keep_freed_memory
-from bertray.metrics import is_better
+from bertray.metrics import is_better, scalar_metrics
 from bertray.modeling import (
     INFERENCE_EAGER_MAX_WIDTH,
     AttentionSwitch,
@@ -605,7 +605,7 @@ def checkpoint(r: Recipe, state: TrainState, train_loss: float, samples_per_s: f
     The checkpoint's ``config.json`` gets what this evaluation tuned (multi-label: the
     threshold), so the exported best checkpoint carries its own."""
     metrics = evaluate(r)
-    scalars = bproblem.scalar_metrics(metrics)
+    scalars = scalar_metrics(metrics)
     record = {"epoch": state.epoch + (1 if epoch_done else 0), "global_step": state.global_step,
               "train_loss": train_loss, "train_samples_per_s": samples_per_s, "restores": state.restores,
               "resumed_at_epoch": state.resumed_at_epoch, **scalars}
@@ -685,7 +685,7 @@ class Reporter:
 
     def evaluation(self, record: dict, metrics: dict, step: int) -> None:
         self.progress(f"eval epoch={record['epoch']} step={step} {bproblem.headline(metrics)}")
-        self.scalars("eval", {k: v for k, v in bproblem.scalar_metrics(metrics).items() if k != "num_examples"},
+        self.scalars("eval", {k: v for k, v in scalar_metrics(metrics).items() if k != "num_examples"},
                      step)
         if self.writer:
             self.writer.flush()

@@ -16,6 +16,12 @@ LOWER_IS_BETTER = frozenset({"loss", "hamming_loss", "mse", "rmse", "mae"})
 (the same rule as ``bertray.problem.metric_modes``, checked in the tests)."""
 
 
+def scalar_metrics(metrics: Mapping) -> dict[str, float]:
+    """The numbers of a metrics dict (for Tune, history, TensorBoard and MLflow): per-class
+    tables and the confusion matrix left out."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 def metric_mode(name: str) -> str:
     """``"min"`` or ``"max"``: how ``name`` ranks (Ray Tune's ``mode``, Ray Train's ``checkpoint_score_order``)."""
     return "min" if name in LOWER_IS_BETTER or name.endswith("loss") else "max"

@@ -37,7 +37,10 @@ import torch.nn.functional as F
 from bertray.errors import BertrayError, DataError
 from bertray.labels import build_label_map, encode_labels
 from bertray.labels import class_weights as balanced_class_weights
-from bertray.metrics import classification_metrics
+from bertray.metrics import (
+    classification_metrics,
+    scalar_metrics,  # noqa: F401 - part of the problem API (one definition, in metrics)
+)
 
 SINGLE = "single_label_classification"
 MULTI = "multi_label_classification"
@@ -134,12 +137,6 @@ def metric_mode(metric: str) -> str:
         if metric in cls.metric_modes:
             return cls.metric_modes[metric]
     raise ValueError(f"unknown metric {metric!r}")
-
-
-def scalar_metrics(metrics: Mapping) -> dict[str, float]:
-    """The numbers of a metrics dict (for Tune, history and TensorBoard): per-class tables and
-    the confusion matrix left out."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def headline(metrics: Mapping) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bertray.errors import BertrayError, Interrupted
+from bertray.metrics import scalar_metrics
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class Tracker:
     def finish(self, target: Target, out_dir: Path, model_dir: str, metrics: dict, step: int) -> None:
         """A finished run's best metrics (``best_*``), its JSON files and plots in ``out_dir``
         and the exported model (artifact ``model``); then FINISHED."""
-        log_metrics(self.client, target, scalar_metrics(metrics, "best_"), step)
+        log_metrics(self.client, target, {f"best_{k}": v for k, v in scalar_metrics(metrics).items()}, step)
         for path in sorted(Path(out_dir).iterdir()):
             if path.is_file() and path.suffix in (".json", ".png", ".csv", ".yaml"):
                 self.client.log_artifact(target.run_id, str(path))
@@ -238,12 +239,6 @@ def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
             text = value if isinstance(value, str) else json.dumps(value, default=str)
             out[name] = text[:_PARAM_CHARS]
     return out
-
-
-def scalar_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """The numbers among ``metrics`` (tables and text left out), names prefixed."""
-    return {f"{prefix}{k}": float(v) for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def log_metrics(client, target: Target, metrics: dict[str, float], step: int) -> None:
