@@ -359,8 +359,11 @@ def _download(client, uri: str, name: str, version: int, source: str) -> str:
         if not (got / "config.json").is_file():
             raise TrackingError(f"models:/{name}/{version} in {uri} holds no Hugging Face model (no config.json "
                                 f"in {source}); register the model folder jobs/train.py exports (tracking.register_as)")
-        shutil.rmtree(dest, ignore_errors=True)
-        got.rename(dest)
+        try:
+            got.rename(dest)  # the cache entry appears whole or not at all
+        except OSError:
+            if not (dest / "config.json").is_file():  # not a concurrent job's finished copy of the same files
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
