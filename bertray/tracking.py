@@ -152,6 +152,13 @@ class Tracker:
                                        order_by=["attributes.start_time DESC"], max_results=1)
         return Target(self.uri, runs[0].info.run_id) if runs else None
 
+    def children(self, experiment: str, parent: Target) -> dict[str, Any]:
+        """``parent``'s child runs (MLflow ``Run``s) by their ``TRIAL_TAG``, in one query."""
+        runs = self.client.search_runs([self._experiment_id(experiment)],
+                                       filter_string=f"tags.`{PARENT_TAG}` = '{parent.run_id}'",
+                                       max_results=50_000)  # MLflow's largest page
+        return {run.data.tags.get(TRIAL_TAG): run for run in runs}
+
     def _experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:

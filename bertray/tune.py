@@ -177,18 +177,21 @@ def run(cfg: RunConfig) -> pd.DataFrame:
 
 
 def _track_search(tracker, parent: tracking.Target | None, cfg: RunConfig, grid, best) -> None:
-    """Every trial's MLflow run ended (a trial ASHA stopped is killed before it can end its own:
-    FINISHED, or FAILED with an error), the best one tagged; the search's run gets the summary
-    files and the best model (registered when ``tracking.register_as`` is set)."""
+    """Every trial's MLflow run ended as Tune saw it: FINISHED, or FAILED with an error. A trial
+    ASHA stops is killed, so its own run was left RUNNING, or FAILED when the kill reached its
+    ``fit`` first. The best trial is tagged; the search's run gets the summary files and the best
+    model (registered when ``tracking.register_as`` is set)."""
     if parent is None:
         return
-    experiment = cfg.tracking.experiment or cfg.name
+    children = tracker.children(cfg.tracking.experiment or cfg.name, parent)
     for result in grid:
-        child = tracker.find(experiment, tracking.TRIAL_TAG, _trial_key(cfg, Path(result.path).name))
-        if child is None:
+        run = children.get(_trial_key(cfg, Path(result.path).name))
+        if run is None:
             continue
-        if tracker.client.get_run(child.run_id).info.status == "RUNNING":
-            tracker.end(child, "FAILED" if result.error else "FINISHED")
+        child = tracking.Target(tracker.uri, run.info.run_id)
+        status = "FAILED" if result.error else "FINISHED"
+        if run.info.status != status:
+            tracker.end(child, status)
         if result.path == best.path:
             tracker.client.set_tag(child.run_id, tracking.BEST_TRIAL_TAG, "true")
     out = Path(cfg.output_dir)
