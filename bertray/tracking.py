@@ -322,7 +322,12 @@ def resolve_model(model_uri: str, configured_uri: str | None, key: str = "model.
     if not match:
         raise TrackingError(f"{key}={model_uri}: write models:/<name>@<alias> or models:/<name>/<version>")
     name, alias, version = match["name"], match["alias"], match["version"]
-    tracker = Tracker.connect(configured_uri)
+    uri = tracking_uri(configured_uri)
+    database = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    if database and not os.path.isfile(database):  # connecting would create an empty one
+        raise TrackingError(f"{key}={model_uri}: there is no MLflow database at {database}; set "
+                            f"tracking.mlflow_uri (or ${ENV_URI}) to the store the model was registered in")
+    tracker = Tracker.connect(uri)
     client, uri = tracker.client, tracker.uri
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)

@@ -133,6 +133,14 @@ def test_unknown_names_aliases_and_versions_name_the_uri_and_the_fix(store, tmp_
     assert uri in str(e.value)
 
 
+def test_a_registry_uri_without_a_store_fails_and_creates_none(tmp_path, monkeypatch):
+    monkeypatch.delenv(tracking.ENV_URI, raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrackingError, match=f"no MLflow database at {tmp_path / 'mlflow.db'}"):
+        tracking.resolve_model("models:/clf@champion", None)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_registered_folder_that_is_no_model_is_refused(store, tmp_path):
     tracker = Tracker.connect(store)
     tracker.register(_logged_run(tracker, tmp_path, "r1", None), "files", {})
