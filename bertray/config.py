@@ -343,6 +343,12 @@ class PredictConfig:
     """``head_tail`` keeps the first and last tokens of long texts."""
     batch_size: PosInt = 64
     amp: Literal["auto", "fp32", "bf16"] = "auto"
+    """The torch compute dtype: ``auto`` is bf16 weights where the CPU/GPU has fast bf16;
+    ``fp32`` asks for exact scores (then ``backend=auto`` picks only exact ways)."""
+    backend: Literal["auto", "torch", "onnx"] = "auto"
+    """``auto``: on CPU, the fastest way ``jobs/export.py`` measured for this model that meets the
+    exactness budget (ONNX Runtime fp32 or int8, or torch), else torch; on GPU torch.
+    ``onnx`` requires that export (see :mod:`bertray.export`)."""
     top_k: PosInt | None = None
     """Also write the top-k labels and scores."""
     all_scores: bool = False
@@ -378,6 +384,47 @@ class PredictConfig:
         report = dataclasses.replace(self.report, previous=_abs(self.report.previous or "") or None)
         return dataclasses.replace(self, data_root=root, input=_abs(self.input.replace("{data_root}", root)),
                                    model=dataclasses.replace(self.model, path=_abs(self.model.path)), report=report)
+
+
+@schema
+class ExportConfig:
+    """Everything ``jobs/export.py`` needs: the model, and held-out rows to measure each way of
+    scoring on (speed and agreement with exact fp32; the metric when ``label_column`` is set)."""
+
+    model: PredictModelConfig = field(default_factory=PredictModelConfig)
+    input: str = ""
+    """Held-out rows: a Parquet, CSV or JSONL file (not rows the model was trained on)."""
+    text_column: Text = "text"
+    text_pair_column: Text | None = None
+    label_column: Text | None = None
+    """When set, the headline metric of each way is recorded and must not drop more than the budget allows."""
+    check_rows: PosInt = 4096
+    """The first rows of ``input`` scored by each way."""
+    max_length: Annotated[StrictInt, Field(ge=8, le=8192)] | None = None
+    """Tokens per text; None: the max length the model was trained with."""
+    truncation: Literal["head", "head_tail"] = "head"
+    batch_size: PosInt = 128
+    """Micro-batch rows, as predict's ``batch_size``."""
+    quantize: bool = True
+    """Also write and measure the int8 graph."""
+    data_root: str = ""
+
+    @model_validator(mode="after")
+    def _required(self, info):  # info.context: LOAD or None
+        problems = []
+        if not self.model.path:
+            problems.append("model.path is required: the model directory written by jobs/train.py (<output_dir>/model)")
+        if not self.input:
+            problems.append("input is required: held-out rows (Parquet, CSV or JSONL) to measure the export on")
+        if info.context == LOAD and self.max_length is not None:
+            problems += _max_length_problems("max_length", self.max_length, self.model.path)
+        return _raise_if(self, problems)
+
+    def resolved(self) -> ExportConfig:
+        """Fill ``{data_root}`` and make local paths absolute."""
+        root = _abs(self.data_root or default_data_root())
+        return dataclasses.replace(self, data_root=root, input=_abs(self.input.replace("{data_root}", root)),
+                                   model=dataclasses.replace(self.model, path=_abs(self.model.path)))
 
 
 def metric_problems(problem_type: str, metric: str | None, key: str = "checkpoint.metric") -> list[str]:

@@ -29,7 +29,7 @@ from bertray.filecheck import find_first_bad_line
 from bertray.labels import check_classes, similar_labels
 from bertray.paths import list_files
 from bertray.problem import LabelStats, Problem
-from bertray.tokenization import encode_flat
+from bertray.tokenization import token_columns
 
 log = logging.getLogger(__name__)
 
@@ -399,11 +399,7 @@ class Tokenize:
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column(self.text_column).to_pylist()
         pairs = batch.column(self.text_pair_column).to_pylist() if self.text_pair_column else None
-        encoded = encode_flat(self.tokenizer, texts, self.max_length, self.truncation, pairs=pairs)
-        offsets = pa.array(encoded[1])
-        cols = {"input_ids": pa.ListArray.from_arrays(offsets, pa.array(encoded[0]))}
-        if pairs is not None:
-            cols["token_type_ids"] = pa.ListArray.from_arrays(offsets, pa.array(encoded[2]))
+        cols = token_columns(self.tokenizer, texts, self.max_length, self.truncation, pairs=pairs)
         if self.problem is not None:
             cols["labels"] = self.problem.encode(batch.column(self.label_column), "data", self.label_column)
         out = pa.table(cols)

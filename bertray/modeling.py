@@ -10,7 +10,7 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from bertray.config import DEFAULT_MODEL
+from bertray.config import DEFAULT_MODEL, ConfigError
 from bertray.errors import BertrayError
 
 if TYPE_CHECKING:
@@ -161,6 +161,34 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+NO_LIMIT = 10**6
+"""Above this, a tokenizer's ``model_max_length`` means "no limit" (transformers writes ``int(1e30)``)."""
+
+
+def resolve_max_length(configured: int | None, tokenizer_max: int | None, positions: int | None, path: str) -> int:
+    """Tokens per row: ``max_length`` if configured, else the length the model was trained with.
+
+    Training saves its ``train.max_length`` as the tokenizer's ``model_max_length``
+    (``tokenizer_config.json``); a model without it falls back to its ``max_position_embeddings``.
+
+    Raises:
+        ConfigError: ``configured`` is above ``max_position_embeddings`` (the model has no
+            position for the extra tokens).
+        BertrayError: neither the tokenizer nor the config gives a limit.
+    """
+    if configured is not None:
+        if positions and configured > positions:
+            raise ConfigError([f"max_length={configured} is above the model's max_position_embeddings={positions} "
+                               f"({path}/config.json); set max_length to {positions} or less, or leave it unset "
+                               "(null) to use the length the model was trained with"])
+        return configured
+    limits = [n for n in (tokenizer_max, positions) if n and n < NO_LIMIT]
+    if not limits:
+        raise BertrayError(f"model {path}: neither tokenizer_config.json (model_max_length) nor config.json "
+                           "(max_position_embeddings) limits the input length; set max_length")
+    return min(limits)
 
 
 INFERENCE_EAGER_MAX_WIDTH = 64

@@ -86,6 +86,19 @@ def length_order(lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return shuffled[np.argsort(lengths[shuffled], kind="stable")]
 
 
+def token_columns(tokenizer, texts: Sequence[str], max_length: int, truncation: str = "head",
+                  pairs: Sequence[str] | None = None) -> dict:
+    """:func:`encode_flat` as Arrow list columns: ``input_ids`` (and ``token_type_ids`` for pairs)."""
+    import pyarrow as pa
+
+    encoded = encode_flat(tokenizer, texts, max_length, truncation, pairs=pairs)
+    offsets = pa.array(encoded[1])
+    cols = {"input_ids": pa.ListArray.from_arrays(offsets, pa.array(encoded[0]))}
+    if pairs is not None:
+        cols["token_type_ids"] = pa.ListArray.from_arrays(offsets, pa.array(encoded[2]))
+    return cols
+
+
 def pad_flat(values: np.ndarray, offsets: np.ndarray, pad_id: int, multiple: int = PAD_MULTIPLE
              ) -> tuple[np.ndarray, np.ndarray]:
     """Pad rows given as one flat array plus offsets (Arrow's list layout).

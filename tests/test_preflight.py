@@ -16,7 +16,9 @@ import pytest
 from bertray.cli import main
 from bertray.config import ConfigError, PredictConfig
 from bertray.config_loader import load_config
-from bertray.predict.preflight import NO_LIMIT, PredictError, preflight, resolve_max_length
+from bertray.errors import BertrayError
+from bertray.modeling import NO_LIMIT, resolve_max_length
+from bertray.predict.preflight import preflight
 from bertray.storage import SUCCESS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +134,7 @@ def test_resolve_max_length(configured, tokenizer_max, positions, expected):
 def test_resolve_max_length_refuses_what_the_model_cannot_hold():
     with pytest.raises(ConfigError, match="max_length=600 is above the model's max_position_embeddings=512"):
         resolve_max_length(600, 64, 512, "m")
-    with pytest.raises(PredictError, match="set max_length"):
+    with pytest.raises(BertrayError, match="set max_length"):
         resolve_max_length(None, NO_LIMIT * 10, None, "m")
 
 

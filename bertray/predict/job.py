@@ -20,7 +20,7 @@ from bertray.predict.output import (
     write_report,
     write_summary,
 )
-from bertray.predict.predictor import amp_name, build_predictions, tagged_source, write_pieces
+from bertray.predict.predictor import build_predictions, tagged_source, write_pieces
 from bertray.predict.preflight import PredictError, check_input, check_resources, preflight, required_columns
 from bertray.predict.scan import check_labels, scan_input
 from bertray.problem import SINGLE, headline
@@ -31,7 +31,7 @@ __all__ = ["CONFUSION_PNG", "METRICS_FILE", "SUCCESS_FILE", "OutputError", "Outp
 
 log = logging.getLogger(__name__)
 PREDICT_FORMATS = ("parquet",)
-PIECE_SETTINGS = ("text_column", "text_pair_column", "truncation", "batch_size", "amp", "top_k", "all_scores",
+PIECE_SETTINGS = ("text_column", "text_pair_column", "truncation", "batch_size", "top_k", "all_scores",
                   "threshold", "use_gpu")
 """Settings that change an output row: a finished piece is reused only when they are the same."""
 EVALUATE_FORMATS = ("parquet", "csv", "json")
@@ -53,6 +53,7 @@ def run(cfg: PredictConfig, formats: tuple[str, ...] = PREDICT_FORMATS) -> dict:
     clock = _Laps(started)
     cfg, registered = _registered_model(cfg)
     plan = preflight(cfg, formats, registered)
+    print(f"[bertray] backend: {plan.model.backend.backend.label} ({plan.model.backend.reason})", flush=True)
     init_ray()
     check_resources(cfg)
     _warn_stale(plan)
@@ -71,7 +72,7 @@ def run(cfg: PredictConfig, formats: tuple[str, ...] = PREDICT_FORMATS) -> dict:
         run_report = write_report(cfg, plan, stage, rows_out)
         clock.lap("report")
         summary = summarize(cfg, plan, stats, rows_out, files_out, metrics,
-                            time.perf_counter() - started, amp_name(cfg), run_report)
+                            time.perf_counter() - started, run_report)
         summary["stage_seconds"] = clock.laps
         write_summary(stage, summary)
         storage.commit(plan.fs, stage.path, plan.final, cfg.on_existing)
@@ -123,7 +124,7 @@ def _predict_pieces(cfg: PredictConfig, plan, rows: int) -> tuple[list[pieces.So
         inputs = [pieces.whole(cfg.input, inputs)]
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k in PIECE_SETTINGS}
     command = pieces.command(plan.model.path, {**settings, "max_length": plan.model.max_length,
-                                               "amp_dtype": amp_name(cfg)})
+                                               "backend": plan.model.backend.backend.label})
     resume = pieces.prepare(pieces.directory(plan.output), command, inputs)
     todo = [s for s in inputs if s.path not in resume.done]
     if len(todo) < len(inputs):

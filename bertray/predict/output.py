@@ -80,13 +80,13 @@ def _write_empty(cfg: PredictConfig, plan: Plan, stage: Stage) -> str:
 
 
 def summarize(cfg: PredictConfig, plan: Plan, stats: ScanStats, rows_out: int, files_out: int,
-              metrics: dict | None, seconds: float, amp: str, run_report: dict) -> dict:
+              metrics: dict | None, seconds: float, run_report: dict) -> dict:
     """The run summary: returned by ``run``, written to ``_SUCCESS``, printed by the CLI."""
     summary = {
         "rows_in": stats.rows, "rows_out": rows_out, "null_texts": stats.null,
         "empty_texts": stats.null + stats.empty, "files_in": len(plan.files), "files_out": files_out,
         "model": plan.model.path, "input": cfg.input, "output": plan.output, "date": plan.date,
-        "amp": cfg.amp, "amp_dtype": amp, "max_length": plan.model.max_length, "truncation": cfg.truncation,
+        "amp": cfg.amp, "backend": plan.model.backend.to_dict(), "max_length": plan.model.max_length, "truncation": cfg.truncation,
         "seconds": round(seconds, 3), "rows_per_s": round(stats.rows / seconds, 2) if seconds else None,
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

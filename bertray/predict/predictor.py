@@ -9,8 +9,6 @@ loads once per actor; torch gets the node's cores divided by the predictors.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,12 +16,11 @@ import pyarrow.compute as pc
 from bertray.config import PredictConfig
 from bertray.data import TASK_CPUS, Tokenize
 from bertray.pieces import PieceWriter, Source
+from bertray.scoring import IDS, TYPES, Backend
 
 PREDICT_BATCH_ROWS = 4096
 """Rows per predictor call: the window sorted by length, then cut into micro-batches."""
 TOKENIZE_BATCH_ROWS = 4096
-IDS = "input_ids"
-TYPES = "token_type_ids"
 
 
 class PredictTokenize(Tokenize):
@@ -47,77 +44,37 @@ class PredictTokenize(Tokenize):
 
 
 class Predictor:
-    """Ray Data callable class: one model per actor; length-sorted, dynamically padded micro-batches."""
+    """Ray Data callable class: one model per actor (:class:`bertray.scoring.Scorer` over the
+    chosen backend); appends the problem type's output columns."""
 
-    def __init__(self, model_path: str, amp: str, batch_size: int, pad_id: int, top_k: int | None,
+    def __init__(self, model_path: str, backend: Backend, batch_size: int, pad_id: int, top_k: int | None,
                  all_scores: bool, threads: int | None, num_predictors: int, use_gpu: bool,
                  trust_remote_code: bool = False, threshold: float | None = None):
         import torch
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoConfig
 
-        from bertray.modeling import INFERENCE_EAGER_MAX_WIDTH, AttentionSwitch, amp_dtype
         from bertray.problem import from_model_config
+        from bertray.scoring import Scorer, default_threads, make_runner
         from bertray.tokenization import pad_multiple
 
-        if threads is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            threads = max(1, cores // num_predictors)
-        torch.set_num_threads(threads)
         self.torch = torch
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        # Inference holds the weights in the AMP dtype itself rather than autocasting fp32
-        # weights: no per-call weight casts (on 2 CPUs ~12% more rows/s than bf16 autocast),
-        # and half the memory. Predictions matched bf16 autocast on 99.9% of SST-2 rows.
-        dtype = amp_dtype(amp, self.device) or torch.float32
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, use_safetensors=True, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.model = model.to(self.device).eval()
-        self.attention = AttentionSwitch(self.model, INFERENCE_EAGER_MAX_WIDTH)
+        runner = make_runner(model_path, backend, threads or default_threads(num_predictors), use_gpu,
+                             trust_remote_code)
+        self.scorer = Scorer(runner, batch_size, pad_id, pad_multiple("cuda" if use_gpu else "cpu"))
         # The problem type turns logits into scores and output columns (softmax + label,
         # sigmoid + labels at the threshold, or the raw value).
-        self.problem = from_model_config(model.config, threshold=threshold)
-        self.width = self.problem.num_labels
-        self.batch_size = batch_size
-        self.pad_id = pad_id
-        # Rows are length-sorted, so a micro-batch's rows are nearly equal in length anyway.
-        self.pad_multiple = pad_multiple(self.device.type)
-        self.top_k = min(top_k, self.width) if top_k else None
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.problem = from_model_config(config, threshold=threshold)
+        self.top_k = min(top_k, self.problem.num_labels) if top_k else None
         self.all_scores = all_scores
 
-    def _inputs(self, ids: tuple, types: tuple | None, start: int, stop: int) -> dict:
-        """Rows ``start:stop`` padded; ``ids``/``types``: (values, offsets) of the ordered rows."""
-        from bertray.tokenization import pad_flat
-
-        input_ids, mask = pad_flat(ids[0], ids[1][start:stop + 1], self.pad_id, self.pad_multiple)
-        batch = {"input_ids": input_ids, "attention_mask": mask}
-        if types is not None:
-            batch[TYPES] = pad_flat(types[0], types[1][start:stop + 1], 0, self.pad_multiple)[0]
-        return {k: self.torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def probabilities(self, table: pa.Table | pa.ListArray) -> np.ndarray:
+    def probabilities(self, table: pa.Table) -> np.ndarray:
         """Scores ``(rows, labels)`` in the rows' own order: the problem type's (softmax,
         sigmoid, or the raw value). ``table``: ``input_ids`` (and ``token_type_ids``)."""
-        torch = self.torch
-        if not isinstance(table, pa.Table):
-            table = pa.table({IDS: table})
-        n = table.num_rows
-        probs = np.empty((n, self.width), dtype=np.float32)
-        if n == 0:
-            return probs
-        lengths = pc.list_value_length(table.column(IDS)).to_numpy(zero_copy_only=False)
-        order = np.argsort(lengths, kind="stable")
-        ordered = table.select([c for c in (IDS, TYPES) if c in table.column_names]).take(pa.array(order))
-        flat = {c: ordered.column(c).combine_chunks() for c in ordered.column_names}  # contiguous, offsets from 0
-        ids, types = ((flat[c].values.to_numpy(), flat[c].offsets.to_numpy()) if c in flat else None
-                      for c in (IDS, TYPES))
-        with torch.inference_mode():
-            for start in range(0, n, self.batch_size):
-                stop = min(start + self.batch_size, n)
-                batch = self._inputs(ids, types, start, stop)
-                self.attention(batch[IDS].shape[1])
-                logits = self.model(**batch).logits
-                probs[order[start:stop]] = self.problem.scores(logits).cpu().numpy()
-        return probs
+        logits = self.scorer.logits(table)
+        if logits is None:
+            return np.empty((0, self.problem.num_labels), dtype=np.float32)
+        return self.problem.scores(self.torch.from_numpy(logits)).numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         probs = self.probabilities(batch)
@@ -147,24 +104,13 @@ def build_predictions(cfg: PredictConfig, model, ds):
     gpu = {"num_gpus": 1} if cfg.use_gpu else {}
     return ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_path": model.path, "amp": cfg.amp, "batch_size": cfg.batch_size,
+        fn_constructor_kwargs={"model_path": model.path, "backend": model.backend.backend, "batch_size": cfg.batch_size,
                                "pad_id": model.pad_id, "top_k": cfg.top_k, "all_scores": cfg.all_scores,
                                "threads": cfg.torch_threads, "num_predictors": cfg.num_predictors,
                                "use_gpu": cfg.use_gpu, "trust_remote_code": cfg.model.trust_remote_code,
                                "threshold": cfg.threshold},
         batch_format="pyarrow", batch_size=PREDICT_BATCH_ROWS,
         compute=ActorPoolStrategy(size=cfg.num_predictors), num_cpus=cfg.predictor_cpus, **gpu)
-
-
-def amp_name(cfg: PredictConfig) -> str:
-    """The compute dtype the predictors use (CPU flags read on the driver; GPU: as configured)."""
-    if cfg.use_gpu:
-        return cfg.amp
-    import torch
-
-    from bertray.modeling import amp_dtype
-
-    return {None: "fp32", torch.bfloat16: "bf16"}.get(amp_dtype(cfg.amp, torch.device("cpu")), cfg.amp)
 
 
 def tagged_source(input_path: str, files: list[str], whole: str | None = None):

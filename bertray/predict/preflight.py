@@ -17,13 +17,13 @@ from bertray import report, storage
 from bertray.config import ConfigError, PredictConfig
 from bertray.data import TASK_CPUS, DataError, check_columns, detect_format
 from bertray.errors import BertrayError
+from bertray.export import Choice, choose, read_record, weights_digest
+from bertray.modeling import resolve_max_length
 from bertray.predict.scan import input_files, parquet_footers, schema_problem
 from bertray.problem import MULTI, Problem, from_model_config
 
 RESERVED_COLUMNS = ("input_ids", "prediction", "score", "top_k_labels", "top_k_scores", "token_type_ids")
 """Columns predict adds (and the token ids it carries between its stages): an input may not have them."""
-NO_LIMIT = 10**6
-"""Above this, a tokenizer's ``model_max_length`` means "no limit" (transformers writes ``int(1e30)``)."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -41,6 +41,7 @@ class Model:
     pad_id: int
     max_length: int  # the configured one, or the model's own (see resolve_max_length)
     problem: Problem  # from config.json's problem_type, at the configured threshold or the model's
+    backend: Choice  # how the predictors score (bertray.export.choose)
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,23 @@ def check_model(cfg: PredictConfig) -> Model:
     if options:
         raise ConfigError([f"{o} ({problem.name} model {path})" for o in options])
     return Model(path, id2label, {name: i for i, name in id2label.items()}, int(tokenizer.pad_token_id or 0),
-                 max_length, problem)
+                 max_length, problem, choose_backend(cfg, path, problem))
+
+
+def choose_backend(cfg: PredictConfig, path: str, problem: Problem) -> Choice:
+    """``backend`` resolved once, on the driver, from the model's export record (:mod:`bertray.export`)."""
+    record = read_record(path)
+    digest = weights_digest(path) if record is not None else None
+    return choose(cfg.backend, amp_name(cfg), cfg.use_gpu, path, record, digest, problem.mode(problem.default_metric))
+
+
+def amp_name(cfg: PredictConfig) -> str:
+    """The torch dtype ``amp`` resolves to for the predictors (CPU flags read on the driver; GPU: as configured)."""
+    if cfg.use_gpu:  # "auto" stays: bf16 or fp16 is the GPU's to say (bertray.modeling.amp_dtype)
+        return cfg.amp
+    from bertray.modeling import cpu_has_fast_bf16
+
+    return {"auto": "bf16" if cpu_has_fast_bf16() else "fp32"}.get(cfg.amp, cfg.amp)
 
 
 def _check_safetensors(path: str) -> None:
@@ -195,30 +212,6 @@ def _check_safetensors(path: str) -> None:
         f"model.path={path} has no safetensors weights (model.safetensors).{held} Pass the <output_dir>/model "
         "folder written by jobs/train.py, or convert the weights once, where you trust the file: "
         "AutoModelForSequenceClassification.from_pretrained(path).save_pretrained(path, safe_serialization=True)")
-
-
-def resolve_max_length(configured: int | None, tokenizer_max: int | None, positions: int | None, path: str) -> int:
-    """Tokens per row: ``max_length`` if configured, else the length the model was trained with.
-
-    Training saves its ``train.max_length`` as the tokenizer's ``model_max_length``
-    (``tokenizer_config.json``); a model without it falls back to its ``max_position_embeddings``.
-
-    Raises:
-        ConfigError: ``configured`` is above ``max_position_embeddings`` (the model has no
-            position for the extra tokens).
-        PredictError: neither the tokenizer nor the config gives a limit.
-    """
-    if configured is not None:
-        if positions and configured > positions:
-            raise ConfigError([f"max_length={configured} is above the model's max_position_embeddings={positions} "
-                               f"({path}/config.json); set max_length to {positions} or less, or leave it unset "
-                               "(null) to use the length the model was trained with"])
-        return configured
-    limits = [n for n in (tokenizer_max, positions) if n and n < NO_LIMIT]
-    if not limits:
-        raise PredictError(f"model {path}: neither tokenizer_config.json (model_max_length) nor config.json "
-                           "(max_position_embeddings) limits the input length; set max_length")
-    return min(limits)
 
 
 # ----------------------------------------------------------------------------- input
