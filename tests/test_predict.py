@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -481,3 +482,29 @@ def test_pieces_of_another_command_are_never_mixed_in(model_dir, data_root, tmp_
     assert "discarding staged pieces of another command" in capsys.readouterr().out
     assert summary["rows_out"] == 800 and "FAKE" not in set(pd.read_parquet(out).prediction)
     assert not pieces.exists()
+
+
+def test_the_onnx_backend_predicts_what_torch_predicts(model_dir, trec_input, main_run, data_root, tmp_path):
+    """jobs/export.py on the trained model, then predict with backend=onnx: the fp32 graph gives
+    main_run's (fp32 torch) labels and scores; auto picks what the record says is fastest."""
+    from bertray import export
+    from bertray.config import ExportConfig
+    from bertray.modeling import cpu_has_fast_bf16
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    record = export.run(load_config(ROOT / "configs" / "export.yaml",
+                                    [f"model.path={model}", f"input={data_root}/trec/test.parquet",
+                                     "check_rows=128", "batch_size=16"], ExportConfig))
+    inp, _ = trec_input
+    summary = predict(model, inp, tmp_path / "onnx", "amp=fp32", "backend=onnx", "batch_size=16")
+    assert summary["backend"]["name"] == "onnx" and summary["backend"]["file"] == "onnx/model.onnx"
+    out = pd.read_parquet(tmp_path / "onnx").sort_values("id").reset_index(drop=True)
+    expected = main_run[2].sort_values("id").reset_index(drop=True)
+    assert list(out["prediction"]) == list(expected["prediction"])
+    np.testing.assert_allclose(out["score"], expected["score"], atol=1e-4)
+    auto = predict(model, inp, tmp_path / "auto")["backend"]  # amp=auto: torch runs bf16 where the CPU has it
+    torch_dtype = "bf16" if cpu_has_fast_bf16() else "fp32"
+    allowed = [v for v in record["variants"] if v["meets_budget"] and (v["name"] == "onnx" or v["dtype"] == torch_dtype)]
+    fastest = max(allowed, key=lambda v: v["rows_per_s"])
+    assert (auto["name"], auto["dtype"]) == (fastest["name"], fastest["dtype"])
