@@ -1,15 +1,21 @@
 """Batch prediction throughput: bertray (Ray Data) vs transformers.pipeline, same rows, same model.
 
-    python bench/predict.py                                  # 100,000 SST-2 rows, 2 CPUs (minutes)
-    python bench/predict.py --rows 2000                      # quick check that it works
-    python bench/predict.py --model outputs/sst2/model --rows 100000 --max-length 128
+    python bench/predict.py --model outputs/sst2-full/model      # 40,000 and 100,000 SST-2 rows (half an hour)
+    python bench/predict.py --rows 2000 --skip-pipeline          # quick check that it works
+    python bench/predict.py --rows 100000 --no-export            # the torch path only
+
+First the model is exported (``jobs/export.py`` on a copy of it, timed on its own: a
+once-per-model step), measured on ``--held-out`` rows (default: SST-2 validation), so
+predict's default ``backend=auto`` runs the fastest way that meets the exactness budget; the
+table of every way (rows/s, labels equal to exact fp32, accuracy) is printed. For exactness
+figures that mean something, pass a fine-tuned ``--model``.
 
 Rows: SST-2 train (67,349 real sentences) repeated up to ``--rows``, written as Parquet.
 Both contenders read that Parquet and write the same Parquet (input columns + prediction,
 score); both timings include loading the model, reading and writing.
 
 * bertray: ``bertray.predict.run`` in-process after ``ray.init(num_cpus=2)``, with
-  configs/predict.yaml (amp=auto: bf16 on a CPU with AVX512-BF16) and ``--batch-size``. The
+  configs/predict.yaml (backend=auto, amp=auto) and ``--batch-size``. The
   cluster start is not timed; the preflight, the scan, actor start-up, tokenization,
   inference, writing, the row-count check and the commit are.
 * pipeline: ``transformers.pipeline("text-classification", model=DIR, batch_size=64)`` over
@@ -18,15 +24,15 @@ score); both timings include loading the model, reading and writing.
 Each runs in its own subprocess; the parent samples memory over that subprocess's whole
 process tree every 0.2 s (for bertray: driver, GCS, raylet and every Ray worker). ``peak RSS``
 sums RSS over the tree (shared library pages counted once per process, so it overstates a
-multi-process run); ``peak USS`` sums unique pages only. The memory-growth check runs bertray
-again on ``--growth-rows`` (default rows/10) and reports peak(rows)/peak(rows/10): a
+multi-process run); ``peak USS`` sums unique pages only. ``--growth`` runs bertray again on
+a tenth of the largest ``--rows`` and reports peak(rows)/peak(rows/10): a
 streaming pipeline stays near 1; materializing would grow ~10x.
 
 Without ``--model`` a classifier is built in a temp dir: the pip-shipped MiniLM-L6 with a
 fresh 2-label head (seeded). Its predictions are meaningless but its cost per row is exactly
 that of a fine-tuned MiniLM, which is what is measured.
 
-Prints a table and writes bench/results/predict.json (appending to docs/benchmarks.md is manual).
+Prints tables and writes bench/results/predict.json (appending to docs/benchmarks.md is manual).
 """
 
 from __future__ import annotations
@@ -106,7 +112,8 @@ def run_bertray(args) -> dict:
     summary = run(cfg)
     seconds = time.perf_counter() - start
     ray.shutdown()
-    return {"seconds": seconds, "rows": summary["rows_out"], "stage_seconds": summary["stage_seconds"]}
+    return {"seconds": seconds, "rows": summary["rows_out"], "stage_seconds": summary["stage_seconds"],
+            "backend": summary["backend"]}
 
 
 def run_pipeline(args) -> dict:
@@ -212,16 +219,93 @@ def agreement(a: Path, b: Path) -> float | None:
     return sum(same) / max(len(same), 1)
 
 
+def export_model(model: Path, directory: Path, args) -> tuple[Path, dict | None, float]:
+    """A copy of ``model`` with its ONNX export (``jobs/export.py``); the record and the seconds it took."""
+    import shutil
+
+    if args.no_export:
+        return model, None, 0.0
+    copy = directory / "model"
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("onnx"))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), "--config", str(ROOT / "configs" / "export.yaml"),
+                    f"model.path={copy}", f"input={args.held_out or data_root() / 'sst2' / 'validation.parquet'}",
+                    f"max_length={args.max_length}", f"batch_size={args.batch_size}"], check=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    return copy, json.loads((copy / "onnx" / "export.json").read_text()), seconds
+
+
+def compare(rows: int, model: Path, directory: Path, args) -> dict:
+    """bertray (and the pipeline) on ``rows`` rows; memory growth against rows/10 when asked."""
+    inp = make_input(rows, directory / f"input-{rows}")
+    print(f"{rows} rows, model {model}, max_length {args.max_length}, 2 CPUs", flush=True)
+    results = {"bertray": measure("bertray", model, inp, directory / f"out-bertray-{rows}", args)}
+    print(f"bertray:  {results['bertray']['rows_per_s']:.1f} rows/s", flush=True)
+    if not args.skip_pipeline:
+        results["pipeline"] = measure("pipeline", model, inp, directory / f"out-pipeline-{rows}", args)
+        print(f"pipeline: {results['pipeline']['rows_per_s']:.1f} rows/s", flush=True)
+        results["agreement"] = agreement(directory / f"out-bertray-{rows}", directory / f"out-pipeline-{rows}")
+    if args.growth:
+        small_rows = rows // 10
+        small = measure("bertray", model, make_input(small_rows, directory / f"input-{small_rows}"),
+                        directory / f"out-small-{rows}", args)
+        results["memory_growth"] = {
+            "rows_small": small_rows, "peak_rss_mib_small": small["peak_rss_mib"],
+            "peak_uss_mib_small": small["peak_uss_mib"], "seconds_small": small["seconds"],
+            "rss_ratio": results["bertray"]["peak_rss_mib"] / small["peak_rss_mib"],
+            "uss_ratio": results["bertray"]["peak_uss_mib"] / small["peak_uss_mib"],
+            # throughput without the fixed start-up cost (actors, scan), from the two runs
+            "marginal_rows_per_s": (rows - small_rows) / max(results["bertray"]["seconds"] - small["seconds"], 1e-9)}
+    return results
+
+
+def print_export(record: dict | None, seconds: float) -> None:
+    if record is None:
+        return
+    print(f"\nexport (jobs/export.py, once per model): {seconds:.1f} s; every way on {record['check']['rows']} "
+          f"held-out rows of {record['check']['input']}:")
+    print("| way | rows/s | same label as fp32 | max score diff | accuracy | within budget |")
+    print("|---|---:|---:|---:|---:|---|")
+    for v in record["variants"]:
+        metric = "-" if v["metric"] is None else f"{v['metric']:.4f}"
+        print(f"| {v['name']}-{v['dtype']} | {v['rows_per_s']:.0f} | {v['agreement']:.2%} | "
+              f"{v['max_score_diff']:.4f} | {metric} | {'yes' if v['meets_budget'] else 'no'} |")
+
+
+def print_run(rows: int, results: dict) -> None:
+    base = results.get("pipeline")
+    print(f"\n{rows} rows, whole job (start-up included), Parquet in and out:")
+    print("| contender | rows | seconds | rows/s | vs pipeline | peak RSS (MiB, tree sum) | peak USS (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in ("bertray", "pipeline"):
+        r = results.get(name)
+        if r:
+            ratio = f"{r['rows_per_s'] / base['rows_per_s']:.2f}x" if base else "-"
+            print(f"| {name} | {r['rows']} | {r['seconds']:.1f} | {r['rows_per_s']:.1f} | {ratio} | "
+                  f"{r['peak_rss_mib']:.0f} | {r['peak_uss_mib']:.0f} |")
+    b = results["bertray"]
+    print(f"bertray backend: {b['backend']['name']}-{b['backend']['dtype']}; stages (s): {b['stage_seconds']}")
+    if results.get("agreement") is not None:
+        print(f"same prediction as the pipeline (fp32) on {results['agreement']:.2%} of rows")
+    growth = results.get("memory_growth")
+    if growth:
+        fixed = growth["seconds_small"] - growth["rows_small"] / growth["marginal_rows_per_s"]
+        print(f"memory growth {growth['rows_small']} -> {rows} rows: peak RSS x{growth['rss_ratio']:.2f}, peak USS "
+              f"x{growth['uss_ratio']:.2f}; marginal {growth['marginal_rows_per_s']:.1f} rows/s, start-up ~{fixed:.1f} s")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--rows", type=int, nargs="+", default=[40_000, 100_000])
     p.add_argument("--model", default=None, help="an HF sequence-classifier dir; default: MiniLM + fresh 2-label head")
+    p.add_argument("--held-out", default=None, help="the export's check rows (default: full SST-2 validation)")
+    p.add_argument("--no-export", action="store_true", help="no ONNX export: predict runs torch")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=128, help="bertray micro-batch rows (the pipeline uses 64)")
-    p.add_argument("--growth-rows", type=int, default=None, help="memory-growth base (default rows/10; 0: skip)")
+    p.add_argument("--growth", action="store_true", help="also run rows/10 of the largest size: memory growth")
     p.add_argument("--skip-pipeline", action="store_true")
     p.add_argument("--set", dest="overrides", action="append", default=[],
-                   help="extra bertray predict override, e.g. --set amp=fp32")
+                   help="extra bertray predict override, e.g. --set backend=torch")
     p.add_argument("--results", default=str(ROOT / "bench" / "results" / "predict.json"))
     p.add_argument("--worker", choices=["bertray", "pipeline"], help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
@@ -233,62 +317,26 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
 
-    growth_rows = args.rows // 10 if args.growth_rows is None else args.growth_rows
+    runs = {}
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         tmp = Path(tmp)
-        model = Path(args.model).resolve() if args.model else quick_classifier(tmp / "model")
-        inp = make_input(args.rows, tmp / "input")
-        print(f"{args.rows} rows, model {model}, max_length {args.max_length}, 2 CPUs", flush=True)
-        results = {"bertray": measure("bertray", model, inp, tmp / "out-bertray", args)}
-        print(f"bertray:  {results['bertray']['rows_per_s']:.1f} rows/s", flush=True)
-        if not args.skip_pipeline:
-            results["pipeline"] = measure("pipeline", model, inp, tmp / "out-pipeline", args)
-            print(f"pipeline: {results['pipeline']['rows_per_s']:.1f} rows/s", flush=True)
-            results["agreement"] = agreement(tmp / "out-bertray", tmp / "out-pipeline")
-        growth = None
-        if growth_rows:
-            small = measure("bertray", model, make_input(growth_rows, tmp / "input-small"), tmp / "out-small", args)
-            growth = {"rows_small": growth_rows, "rows_large": args.rows,
-                      "peak_rss_mib_small": small["peak_rss_mib"], "peak_rss_mib_large": results["bertray"]["peak_rss_mib"],
-                      "peak_uss_mib_small": small["peak_uss_mib"], "peak_uss_mib_large": results["bertray"]["peak_uss_mib"],
-                      "rss_ratio": results["bertray"]["peak_rss_mib"] / small["peak_rss_mib"],
-                      "uss_ratio": results["bertray"]["peak_uss_mib"] / small["peak_uss_mib"],
-                      "seconds_small": small["seconds"],
-                      # throughput without the fixed start-up cost (actors, scan), from the two runs
-                      "marginal_rows_per_s": (args.rows - growth_rows)
-                      / max(results["bertray"]["seconds"] - small["seconds"], 1e-9)}
-
-    base = results.get("pipeline")
-    print()
-    print("| contender | rows | seconds | rows/s | vs pipeline | peak RSS (MiB, tree sum) | peak USS (MiB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in ("bertray", "pipeline"):
-        r = results.get(name)
-        if r:
-            ratio = f"{r['rows_per_s'] / base['rows_per_s']:.2f}x" if base else "-"
-            print(f"| {name} | {r['rows']} | {r['seconds']:.1f} | {r['rows_per_s']:.1f} | {ratio} | "
-                  f"{r['peak_rss_mib']:.0f} | {r['peak_uss_mib']:.0f} |")
-    stages = results["bertray"]["stage_seconds"]
-    overhead = stages.get("collect", 0) + stages.get("report", 0)
-    print(f"\nbertray stages (s): {stages}; staging the pieces and the run report: {overhead:.1f} s, "
-          f"{overhead / results['bertray']['seconds']:.1%} of the job")
-    if results.get("agreement") is not None:
-        print(f"\nsame prediction on {results['agreement']:.2%} of rows (bertray amp=auto vs pipeline fp32)")
-    if growth:
-        print(f"memory growth, bertray {growth_rows} -> {args.rows} rows: peak RSS x{growth['rss_ratio']:.2f}, "
-              f"peak USS x{growth['uss_ratio']:.2f}")
-        fixed = growth["seconds_small"] - growth_rows / growth["marginal_rows_per_s"]
-        print(f"bertray marginal throughput (start-up excluded): {growth['marginal_rows_per_s']:.1f} rows/s; "
-              f"fixed start-up about {fixed:.1f} s")
-    record = {
-        "rows": args.rows, "max_length": args.max_length, "batch_size": args.batch_size,
-        "model": args.model or "MiniLM-L6 + fresh 2-label head", "overrides": args.overrides, "cpus": 2,
-        "machine": _cpu_name(), "results": results, "memory_growth": growth,
-        "speedup": results["bertray"]["rows_per_s"] / base["rows_per_s"] if base else None,
-        "date": time.strftime("%Y-%m-%d"),
-    }
+        model = Path(args.model).resolve() if args.model else quick_classifier(tmp / "fresh")
+        model, record, export_seconds = export_model(model, tmp, args)
+        growth, last = args.growth, max(args.rows)
+        for rows in sorted(args.rows):
+            args.growth = growth and rows == last
+            runs[rows] = compare(rows, model, tmp, args)
+    print_export(record, export_seconds)
+    for rows, results in runs.items():
+        print_run(rows, results)
+    out = {"model": args.model or "MiniLM-L6 + fresh 2-label head", "max_length": args.max_length,
+           "batch_size": args.batch_size, "overrides": args.overrides, "cpus": 2, "machine": _cpu_name(),
+           "export": record, "export_seconds": export_seconds, "runs": runs,
+           "speedup": {rows: r["bertray"]["rows_per_s"] / r["pipeline"]["rows_per_s"]
+                       for rows, r in runs.items() if "pipeline" in r},
+           "date": time.strftime("%Y-%m-%d")}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(record, indent=2))
+    Path(args.results).write_text(json.dumps(out, indent=2))
     print(f"\nwrote {args.results}")
     return 0
 

@@ -8,7 +8,8 @@ Steps, all streaming (nothing materializes the dataset):
 1. Preflight (:mod:`.preflight`), on the driver, before Ray does any work: the output (it
    may replace only a previous bertray output; ``on_existing=error`` refuses any existing
    one), the model (a sequence classifier with safetensors weights; ``max_length`` defaults
-   to the length it was trained with), and every input file's Parquet footer: row counts,
+   to the length it was trained with; the backend, from its ONNX export's record, see
+   :mod:`bertray.export`), and every input file's Parquet footer: row counts,
    text/label columns present, text is strings (dictionary-encoded too).
 2. Scan (:mod:`.scan`): one Ray task per file decodes every page, keeping nothing, counts
    null/empty texts and labels, and names any damaged file; in evaluate mode unknown or null

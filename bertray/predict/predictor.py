@@ -1,10 +1,11 @@
 """The Ray Data stages that predict: tokenize (CPU actors) and score (model actors).
 
-Each predictor call takes a large batch (``PREDICT_BATCH_ROWS``), orders its rows by token
-length, runs micro-batches of ``batch_size`` rows padded only to their own longest row,
-with the weights in bf16 where ``amp`` says so, with eager attention for narrow
-micro-batches and SDPA for wide ones, and then restores the original row order. The model
-loads once per actor; torch gets the node's cores divided by the predictors.
+Each predictor call takes a large batch (``PREDICT_BATCH_ROWS``) and scores it with
+:class:`bertray.scoring.Scorer`: rows ordered by token length, micro-batches of
+``batch_size`` rows padded only to their own longest row, the original order restored. The
+forward pass is the backend chosen on the driver (:func:`bertray.export.choose`): torch with
+the weights in the AMP dtype, or an ONNX Runtime session. The model loads once per actor;
+it gets the node's cores divided by the predictors.
 """
 
 from __future__ import annotations
