@@ -258,11 +258,13 @@ def read_record(model_path: str) -> dict | None:
     try:
         with open(path) as f:
             record = json.load(f)
-        [Measured.from_dict(v) for v in record["variants"]]
+        ways = [Measured.from_dict(v).backend for v in record["variants"]]
+        if TORCH_FP32 not in ways or not isinstance(record["source_sha256"], str) or record["check"]["rows"] < 1:
+            raise ValueError("no exact fp32 reference, weights digest or check rows")
         return record
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ExportError(f"{path} is unreadable ({type(e).__name__}: {e}); export the model again: "
-                          f"python jobs/export.py --config configs/export.yaml model.path={model_path}") from None
+                          f"{export_command(model_path)}") from None
 
 
 @dataclass(frozen=True)
@@ -286,7 +288,7 @@ def choose(requested: str, amp_dtype: str, use_gpu: bool, model_path: str, recor
         ExportError: ``backend=onnx`` without an export, or one made from other weights.
     """
     torch_way = Backend("torch", amp_dtype)
-    export = f"python jobs/export.py --config configs/export.yaml model.path={model_path}"
+    export = export_command(model_path)
     if requested == "onnx" and use_gpu:
         raise ConfigError(["backend=onnx runs on CPU (ONNX Runtime's CPU provider); on a GPU use backend=torch"])
     if requested == "torch" or use_gpu:
@@ -296,10 +298,15 @@ def choose(requested: str, amp_dtype: str, use_gpu: bool, model_path: str, recor
         if requested == "onnx":
             raise ExportError(f"model.path={model_path} {what} ({RECORD_FILE}); run: {export}")
         return Choice(torch_way, f"the model {what}; torch (export it for the ONNX backend: {export})")
-    return _fastest(requested, amp_dtype, record, torch_way, mode)
+    return _fastest(requested, amp_dtype, model_path, record, torch_way, mode)
 
 
-def _fastest(requested: str, amp_dtype: str, record: dict, torch_way: Backend, mode: str) -> Choice:
+def export_command(model_path: str) -> str:
+    return f"python jobs/export.py --config configs/export.yaml model.path={model_path}"
+
+
+def _fastest(requested: str, amp_dtype: str, model_path: str, record: dict, torch_way: Backend,
+             mode: str) -> Choice:
     measured = [Measured.from_dict(v) for v in record["variants"]]
     reference = next(m for m in measured if m.backend == TORCH_FP32)
     allowed = [m for m in measured if m.meets(reference, mode)
@@ -310,6 +317,9 @@ def _fastest(requested: str, amp_dtype: str, record: dict, torch_way: Backend, m
         raise ExportError(f"no {requested} variant in {RECORD_FILE} meets the exactness budget "
                           f"({BUDGET.min_agreement:.1%} of labels as fp32); use backend=torch or auto")
     best = max(allowed, key=lambda m: m.rows_per_s)
+    if best.backend.file and not os.path.isfile(os.path.join(model_path, best.backend.file)):
+        raise ExportError(f"{os.path.join(model_path, best.backend.file)} is missing but {RECORD_FILE} lists it; "
+                          f"export the model again: {export_command(model_path)}")
     on = record.get("cpu")
     note = "" if on == cpu_name() else f" (measured on {on}, not this CPU: export here to re-measure)"
     return Choice(best.backend, f"fastest within the exactness budget: {best.rows_per_s:.0f} rows/s, same "

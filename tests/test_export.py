@@ -40,6 +40,15 @@ def record(int8_agreement=0.999, int8_metric=0.90, digest="abc", bf16=True) -> d
             "variants": [m.to_dict() for m in ways]}
 
 
+@pytest.fixture
+def folder(tmp_path) -> str:
+    """A model folder holding the files the records below list (contents unused by ``choose``)."""
+    for way in (FP32, INT8):
+        (tmp_path / way.file).parent.mkdir(exist_ok=True)
+        (tmp_path / way.file).write_bytes(b"")
+    return str(tmp_path)
+
+
 @pytest.mark.parametrize("requested, amp, rec, expected", [
     ("auto", "bf16", record(), INT8),                                  # fastest within the budget
     ("auto", "bf16", record(int8_agreement=0.99), TORCH_BF16),         # int8 changes 1% of labels
@@ -51,8 +60,8 @@ def record(int8_agreement=0.999, int8_metric=0.90, digest="abc", bf16=True) -> d
     ("auto", "bf16", None, TORCH_BF16),                                # never exported
     ("auto", "bf16", record(digest="other"), TORCH_BF16),              # exported from other weights
 ])
-def test_choose_picks_the_fastest_way_within_the_budget(requested, amp, rec, expected):
-    choice = choose(requested, amp, False, "/m", rec, "abc")
+def test_choose_picks_the_fastest_way_within_the_budget(requested, amp, rec, expected, folder):
+    choice = choose(requested, amp, False, folder, rec, "abc")
     assert choice.backend == expected
     if rec is None or rec["source_sha256"] != "abc":
         assert "jobs/export.py" in choice.reason
@@ -60,11 +69,17 @@ def test_choose_picks_the_fastest_way_within_the_budget(requested, amp, rec, exp
         assert choice.measured.agreement >= BUDGET.min_agreement and "held-out rows" in choice.reason
 
 
-def test_choose_for_a_lower_is_better_metric_and_on_gpu():
+def test_choose_for_a_lower_is_better_metric_and_on_gpu(folder):
     rec = record(int8_metric=0.904)  # mse up by 0.004: over the budget when lower is better
-    assert choose("auto", "bf16", False, "/m", rec, "abc", mode="min").backend == TORCH_BF16
-    assert choose("auto", "bf16", False, "/m", rec, "abc", mode="max").backend == INT8
-    assert choose("auto", "auto", True, "/m", rec, "abc").backend == Backend("torch", "auto")
+    assert choose("auto", "bf16", False, folder, rec, "abc", mode="min").backend == TORCH_BF16
+    assert choose("auto", "bf16", False, folder, rec, "abc", mode="max").backend == INT8
+    assert choose("auto", "auto", True, folder, rec, "abc").backend == Backend("torch", "auto")
+
+
+def test_a_listed_onnx_file_that_is_gone_fails_before_any_work(folder):
+    Path(folder, INT8.file).unlink()
+    with pytest.raises(ExportError, match="model_quantized.onnx is missing but onnx/export.json lists it"):
+        choose("auto", "bf16", False, folder, record(), "abc")
 
 
 @pytest.mark.parametrize("rec, error, message", [

@@ -86,7 +86,8 @@ def summarize(cfg: PredictConfig, plan: Plan, stats: ScanStats, rows_out: int, f
         "rows_in": stats.rows, "rows_out": rows_out, "null_texts": stats.null,
         "empty_texts": stats.null + stats.empty, "files_in": len(plan.files), "files_out": files_out,
         "model": plan.model.path, "input": cfg.input, "output": plan.output, "date": plan.date,
-        "amp": cfg.amp, "backend": plan.model.backend.to_dict(), "max_length": plan.model.max_length, "truncation": cfg.truncation,
+        "amp": cfg.amp, "backend": plan.model.backend.to_dict(), "max_length": plan.model.max_length,
+        "truncation": cfg.truncation,
         "seconds": round(seconds, 3), "rows_per_s": round(stats.rows / seconds, 2) if seconds else None,
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
