@@ -313,6 +313,8 @@ def _fastest(requested: str, amp_dtype: str, model_path: str, record: dict, torc
                and (m.backend.name == "onnx" or m.backend == torch_way)
                and (amp_dtype != "fp32" or m.backend.exact)
                and (requested == "auto" or m.backend.name == requested)]
+    if not allowed and requested == "auto":
+        return Choice(torch_way, f"no way in {RECORD_FILE} that runs here meets the exactness budget; torch")
     if not allowed:
         raise ExportError(f"no {requested} variant in {RECORD_FILE} meets the exactness budget "
                           f"({BUDGET.min_agreement:.1%} of labels as fp32); use backend=torch or auto")
