@@ -16,14 +16,14 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, ".")
 sys.path.insert(0, "tests")
-from bertray.config import PredictConfig, RunConfig
+from bertray.config import ExportConfig, PredictConfig, RunConfig
 from bertray.config_loader import load_config
 import conftest
 out = {"tests": str(conftest.DATA)}
 for path in sorted(Path("configs").glob("*.yaml")):
-    cls = PredictConfig if path.stem == "predict" else RunConfig
+    cls = {"predict": PredictConfig, "export": ExportConfig}.get(path.stem, RunConfig)
     cfg = load_config(path, [], cls)
-    out[path.name] = [cfg.input] if cls is PredictConfig else [cfg.data.train, cfg.data.validation]
+    out[path.name] = [cfg.data.train, cfg.data.validation] if cls is RunConfig else [cfg.input]
 print(json.dumps(out))
 """
 
