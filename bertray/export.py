@@ -408,7 +408,7 @@ def run(cfg) -> dict:
                           "written by jobs/train.py")
     check_is_classifier(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    problem = from_model_config(config)
+    problem = from_model_config(config).for_output()  # multi-label: its stored threshold, no search
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     max_length = resolve_max_length(cfg.max_length, tokenizer.model_max_length, model_max_positions(path)[0], path)
     rows = read_check_rows(cfg, tokenizer, max_length, problem)
