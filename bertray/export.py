@@ -374,11 +374,11 @@ def read_check_rows(cfg, tokenizer, max_length: int, problem) -> CheckRows:
 def measure_all(cfg, model_path: str, staging: str, rows: CheckRows, problem, pad_id: int) -> list[Measured]:
     """Each way of scoring on the check rows: exact fp32 torch first (the reference), torch bf16
     where the CPU has it, the ONNX graphs in ``staging``."""
-    from bertray.modeling import cpu_has_fast_bf16
+    from bertray.modeling import cpu_amp
     from bertray.scoring import OnnxRunner, Scorer, TorchRunner, default_threads
 
     threads = default_threads()
-    ways = [TORCH_FP32, *([TORCH_BF16] if cpu_has_fast_bf16() else []), FP32]
+    ways = [TORCH_FP32, *([TORCH_BF16] if cpu_amp() == "bf16" else []), FP32]
     ways += [INT8] if os.path.exists(os.path.join(staging, os.path.basename(INT8.file))) else []
     results, reference = [], None
     for way in ways:
@@ -420,9 +420,9 @@ def run(cfg) -> dict:
         final = commit(path, staging, record)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    from bertray.modeling import cpu_has_fast_bf16
+    from bertray.modeling import cpu_amp
 
-    choice = choose("auto", "bf16" if cpu_has_fast_bf16() else "fp32", False, path, record, digest,
+    choice = choose("auto", cpu_amp(), False, path, record, digest,
                     problem.mode(problem.default_metric))
     print(f"[bertray] wrote {final}; predict's backend=auto will run {choice.backend.label}: {choice.reason}",
           flush=True)

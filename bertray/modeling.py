@@ -153,6 +153,13 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
+def cpu_amp(amp: str = "auto") -> str:
+    """The name of the dtype ``amp`` resolves to on this machine's CPU (``fp32``, ``bf16``...)."""
+    import torch
+
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(amp, torch.device("cpu"))]
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 matmul (AVX512-BF16 or AMX)."""
     try:

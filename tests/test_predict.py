@@ -489,7 +489,7 @@ def test_the_onnx_backend_predicts_what_torch_predicts(model_dir, trec_input, ma
     main_run's (fp32 torch) labels and scores; auto picks what the record says is fastest."""
     from bertray import export
     from bertray.config import ExportConfig
-    from bertray.modeling import cpu_has_fast_bf16
+    from bertray.modeling import cpu_amp
 
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
@@ -504,7 +504,7 @@ def test_the_onnx_backend_predicts_what_torch_predicts(model_dir, trec_input, ma
     assert list(out["prediction"]) == list(expected["prediction"])
     np.testing.assert_allclose(out["score"], expected["score"], atol=1e-4)
     auto = predict(model, inp, tmp_path / "auto")["backend"]  # amp=auto: torch runs bf16 where the CPU has it
-    torch_dtype = "bf16" if cpu_has_fast_bf16() else "fp32"
+    torch_dtype = cpu_amp()
     allowed = [v for v in record["variants"] if v["meets_budget"] and (v["name"] == "onnx" or v["dtype"] == torch_dtype)]
     fastest = max(allowed, key=lambda v: v["rows_per_s"])
     assert (auto["name"], auto["dtype"]) == (fastest["name"], fastest["dtype"])

@@ -193,11 +193,10 @@ def choose_backend(cfg: PredictConfig, path: str, problem: Problem) -> Choice:
 
 def amp_name(cfg: PredictConfig) -> str:
     """The torch dtype ``amp`` resolves to for the predictors (CPU flags read on the driver; GPU: as configured)."""
-    if cfg.use_gpu:  # "auto" stays: bf16 or fp16 is the GPU's to say (bertray.modeling.amp_dtype)
-        return cfg.amp
-    from bertray.modeling import cpu_has_fast_bf16
+    from bertray.modeling import cpu_amp
 
-    return {"auto": "bf16" if cpu_has_fast_bf16() else "fp32"}.get(cfg.amp, cfg.amp)
+    # on a GPU "auto" stays: bf16 or fp16 is the GPU's to say (bertray.modeling.amp_dtype)
+    return cfg.amp if cfg.use_gpu else cpu_amp(cfg.amp)
 
 
 def _check_safetensors(path: str) -> None:
