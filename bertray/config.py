@@ -364,26 +364,38 @@ class PredictConfig:
 
     @model_validator(mode="after")
     def _required(self, info):  # info.context: LOAD or None
-        problems = []
-        if not self.model.path:
-            problems.append("model.path is required: the model directory written by jobs/train.py (<output_dir>/model)")
-        if not self.input:
-            problems.append("input is required: a Parquet file, directory or glob")
+        problems = _model_input_problems(self, info, "a Parquet file, directory or glob")
         if not self.output:
             problems.append("output is required: a directory for the predictions (may contain {date})")
-        if self.text_pair_column is not None and self.truncation != "head":
-            problems.append(f"truncation={self.truncation}: pairs are truncated longest_first; "
-                            "use truncation=head with text_pair_column")
-        if info.context == LOAD and self.max_length is not None:
-            problems += _max_length_problems("max_length", self.max_length, self.model.path)
         return _raise_if(self, problems)
 
     def resolved(self) -> PredictConfig:
         """Fill ``{data_root}`` and make local paths absolute."""
-        root = _abs(self.data_root or default_data_root())
         report = dataclasses.replace(self.report, previous=_abs(self.report.previous or "") or None)
-        return dataclasses.replace(self, data_root=root, input=_abs(self.input.replace("{data_root}", root)),
-                                   model=dataclasses.replace(self.model, path=_abs(self.model.path)), report=report)
+        return dataclasses.replace(self, **_model_input_paths(self), report=report)
+
+
+def _model_input_problems(cfg, info, input_is: str) -> list[str]:
+    """What predict and export both require: a model, an input (``input_is`` says what it is),
+    pairs truncated ``head``, and a ``max_length`` the model can hold (checked when loading)."""
+    problems = []
+    if not cfg.model.path:
+        problems.append("model.path is required: the model directory written by jobs/train.py (<output_dir>/model)")
+    if not cfg.input:
+        problems.append(f"input is required: {input_is}")
+    if cfg.text_pair_column is not None and cfg.truncation != "head":
+        problems.append(f"truncation={cfg.truncation}: pairs are truncated longest_first; "
+                        "use truncation=head with text_pair_column")
+    if info.context == LOAD and cfg.max_length is not None:
+        problems += _max_length_problems("max_length", cfg.max_length, cfg.model.path)
+    return problems
+
+
+def _model_input_paths(cfg) -> dict:
+    """``data_root``, ``input`` ({data_root} filled) and ``model`` with local paths made absolute."""
+    root = _abs(cfg.data_root or default_data_root())
+    return {"data_root": root, "input": _abs(cfg.input.replace("{data_root}", root)),
+            "model": dataclasses.replace(cfg.model, path=_abs(cfg.model.path))}
 
 
 @schema
@@ -411,20 +423,12 @@ class ExportConfig:
 
     @model_validator(mode="after")
     def _required(self, info):  # info.context: LOAD or None
-        problems = []
-        if not self.model.path:
-            problems.append("model.path is required: the model directory written by jobs/train.py (<output_dir>/model)")
-        if not self.input:
-            problems.append("input is required: held-out rows (Parquet, CSV or JSONL) to measure the export on")
-        if info.context == LOAD and self.max_length is not None:
-            problems += _max_length_problems("max_length", self.max_length, self.model.path)
+        problems = _model_input_problems(self, info, "held-out rows (Parquet, CSV or JSONL) to measure the export on")
         return _raise_if(self, problems)
 
     def resolved(self) -> ExportConfig:
         """Fill ``{data_root}`` and make local paths absolute."""
-        root = _abs(self.data_root or default_data_root())
-        return dataclasses.replace(self, data_root=root, input=_abs(self.input.replace("{data_root}", root)),
-                                   model=dataclasses.replace(self.model, path=_abs(self.model.path)))
+        return dataclasses.replace(self, **_model_input_paths(self))
 
 
 def metric_problems(problem_type: str, metric: str | None, key: str = "checkpoint.metric") -> list[str]:

@@ -318,3 +318,9 @@ def test_metric_defaults_to_none_and_fits_any_problem_type_under_auto():
 def test_predict_threshold_and_pair_options(override, expected):
     problems = _problems(override.split(" "), PREDICT, PredictConfig)
     assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_export_requires_a_model_and_held_out_rows_and_head_truncation_for_pairs():
+    export = ROOT / "configs" / "export.yaml"
+    problems = _problems(['model.path=""', 'input=""', "text_pair_column=b", "truncation=head_tail"], export, ExportConfig)
+    assert [p.split(" ")[0] for p in problems] == ["model.path", "input", "truncation=head_tail:"], problems
