@@ -41,7 +41,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -196,16 +195,6 @@ def measure(which: str, model: Path, inp: Path, out: Path, args) -> dict:
     return result
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def agreement(a: Path, b: Path) -> float | None:
     """Share of rows where both outputs predict the same label (rows in input order in both)."""
     import pyarrow.parquet as pq
@@ -326,11 +315,13 @@ def main(argv=None) -> int:
         for rows in sorted(args.rows):
             args.growth = growth and rows == last
             runs[rows] = compare(rows, model, tmp, args)
+    from bertray.export import cpu_name
+
     print_export(record, export_seconds)
     for rows, results in runs.items():
         print_run(rows, results)
     out = {"model": args.model or "MiniLM-L6 + fresh 2-label head", "max_length": args.max_length,
-           "batch_size": args.batch_size, "overrides": args.overrides, "cpus": 2, "machine": _cpu_name(),
+           "batch_size": args.batch_size, "overrides": args.overrides, "cpus": 2, "machine": cpu_name(),
            "export": record, "export_seconds": export_seconds, "runs": runs,
            "speedup": {rows: r["bertray"]["rows_per_s"] / r["pipeline"]["rows_per_s"]
                        for rows, r in runs.items() if "pipeline" in r},
