@@ -136,7 +136,9 @@ class Scorer:
         lengths = pc.list_value_length(table.column(IDS)).to_numpy(zero_copy_only=False)
         order = np.argsort(lengths, kind="stable")
         ordered = table.select([c for c in (IDS, TYPES) if c in table.column_names]).take(pa.array(order))
-        flat = {c: ordered.column(c).combine_chunks() for c in ordered.column_names}  # contiguous, offsets from 0
+        # contiguous, offsets from 0: each column as (values, offsets) numpy views, taken once per call
+        flat = {c: ordered.column(c).combine_chunks() for c in ordered.column_names}
+        flat = {c: (a.values.to_numpy(), a.offsets.to_numpy()) for c, a in flat.items()}
         out = None
         for start in range(0, n, self.batch_size):
             stop = min(start + self.batch_size, n)
@@ -146,14 +148,14 @@ class Scorer:
             out[order[start:stop]] = logits
         return out
 
-    def _inputs(self, flat: dict[str, pa.ListArray], start: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows ``start:stop`` of the ordered rows, padded."""
+    def _inputs(self, flat: dict[str, tuple[np.ndarray, np.ndarray]], start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows ``start:stop`` of the ordered rows, padded; ``flat``: (values, offsets) per column."""
         from bertray.tokenization import pad_flat
 
-        ids = flat[IDS]
-        offsets = ids.offsets.to_numpy()[start:stop + 1]
-        input_ids, mask = pad_flat(ids.values.to_numpy(), offsets, self.pad_id, self.pad_multiple)
+        values, offsets = flat[IDS]
+        offsets = offsets[start:stop + 1]  # the type ids share the ids' layout
+        input_ids, mask = pad_flat(values, offsets, self.pad_id, self.pad_multiple)
         batch = {IDS: input_ids, MASK: mask}
         if TYPES in flat:
-            batch[TYPES] = pad_flat(flat[TYPES].values.to_numpy(), offsets, 0, self.pad_multiple)[0]
+            batch[TYPES] = pad_flat(flat[TYPES][0], offsets, 0, self.pad_multiple)[0]
         return batch
