@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from bertray.config import ConfigError
 from bertray.errors import BertrayError
-from bertray.scoring import IDS, TYPES, Backend
+from bertray.scoring import IDS, TYPES, Backend, default_threads
 
 ONNX_DIR = "onnx"
 RECORD_FILE = f"{ONNX_DIR}/export.json"
@@ -120,17 +120,14 @@ def cpu_name() -> str:
 # ----------------------------------------------------------------------------- writing the graphs
 
 
-def export_fp32(model_path: str, out: str, workdir: str, trust_remote_code: bool = False) -> dict:
+def export_fp32(model_path: str, tokenizer, out: str, workdir: str, trust_remote_code: bool = False) -> dict:
     """``torch.onnx.export`` of the eager-attention model (the attention pattern ONNX Runtime
     fuses), then ONNX Runtime's optimizer; returns the fused operators' counts."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from bertray.modeling import load_tokenizer
-
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path, use_safetensors=True, attn_implementation="eager", trust_remote_code=trust_remote_code).eval()
-    tokenizer = load_tokenizer(model_path, trust_remote_code)
     sample = tokenizer(["an example", "a second, longer example row"], padding=True, return_tensors="pt")
     names = [n for n in (IDS, "attention_mask", TYPES) if n in sample]
     raw = os.path.join(workdir, "raw.onnx")
@@ -164,7 +161,7 @@ def quantize_int8(src: str, out: str) -> None:
                      extra_options={"DefaultTensorType": TensorProto.FLOAT})
 
 
-def write_graphs(model_path: str, quantize: bool, trust_remote_code: bool = False) -> tuple[str, dict]:
+def write_graphs(model_path: str, tokenizer, quantize: bool, trust_remote_code: bool = False) -> tuple[str, dict]:
     """Both graphs into a new folder beside ``<model>/onnx``; returns it and the fused operators."""
     try:
         import onnx  # noqa: F401
@@ -175,7 +172,7 @@ def write_graphs(model_path: str, quantize: bool, trust_remote_code: bool = Fals
     staging = os.path.join(model_path, f".{ONNX_DIR}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(os.path.join(staging, "work"))
-    fused = export_fp32(model_path, os.path.join(staging, os.path.basename(FP32.file)),
+    fused = export_fp32(model_path, tokenizer, os.path.join(staging, os.path.basename(FP32.file)),
                         os.path.join(staging, "work"), trust_remote_code)
     if quantize:
         quantize_int8(os.path.join(staging, os.path.basename(FP32.file)),
@@ -203,18 +200,19 @@ def commit(model_path: str, staging: str, record: dict) -> str:
 # ----------------------------------------------------------------------------- measuring
 
 
-def same_prediction(problem, reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """Per row: the two logits give the same prediction (label; label set at the threshold;
-    regression: within 1% of the reference values' range)."""
+def same_prediction(problem, reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per row: the two scores (the problem type's, as predict writes them) give the same
+    prediction: the label; the label set at the threshold (``output_columns``' rule);
+    regression: within 1% of the reference values' range."""
     from bertray.problem import MULTI, SINGLE
 
     if problem.name == SINGLE:
-        return reference.argmax(1) == logits.argmax(1)
+        return reference.argmax(1) == scores.argmax(1)
     if problem.name == MULTI:
-        cut = float(np.log(problem.threshold / (1 - problem.threshold)))
-        return ((reference >= cut) == (logits >= cut)).all(1)
+        cut = np.float32(problem.threshold)
+        return ((reference >= cut) == (scores >= cut)).all(1)
     span = float(reference.max() - reference.min()) or 1.0
-    return (np.abs(reference - logits) <= 0.01 * span).all(1)
+    return (np.abs(reference - scores) <= 0.01 * span).all(1)
 
 
 def headline_metric(problem, logits: np.ndarray, labels: pa.Array | None) -> float | None:
@@ -243,8 +241,9 @@ def compare(problem, backend: Backend, logits: np.ndarray, rows_per_s: float, re
     def scores(x):
         return problem.scores(torch.from_numpy(x)).numpy()
 
-    return Measured(backend, rows_per_s, float(same_prediction(problem, reference, logits).mean()),
-                    float(np.abs(scores(logits) - scores(reference)).max()), headline_metric(problem, logits, labels))
+    ours, theirs = scores(logits), scores(reference)
+    return Measured(backend, rows_per_s, float(same_prediction(problem, theirs, ours).mean()),
+                    float(np.abs(ours - theirs).max()), headline_metric(problem, logits, labels))
 
 
 # ----------------------------------------------------------------------------- predict's choice
@@ -375,7 +374,7 @@ def measure_all(cfg, model_path: str, staging: str, rows: CheckRows, problem, pa
     """Each way of scoring on the check rows: exact fp32 torch first (the reference), torch bf16
     where the CPU has it, the ONNX graphs in ``staging``."""
     from bertray.modeling import cpu_amp
-    from bertray.scoring import OnnxRunner, Scorer, TorchRunner, default_threads
+    from bertray.scoring import OnnxRunner, Scorer, TorchRunner
 
     threads = default_threads()
     ways = [TORCH_FP32, *([TORCH_BF16] if cpu_amp() == "bf16" else []), FP32]
@@ -413,7 +412,7 @@ def run(cfg) -> dict:
     max_length = resolve_max_length(cfg.max_length, tokenizer.model_max_length, model_max_positions(path)[0], path)
     rows = read_check_rows(cfg, tokenizer, max_length, problem)
     digest = weights_digest(path)
-    staging, fused = write_graphs(path, cfg.quantize, cfg.model.trust_remote_code)
+    staging, fused = write_graphs(path, tokenizer, cfg.quantize, cfg.model.trust_remote_code)
     try:
         measured = measure_all(cfg, path, staging, rows, problem, int(tokenizer.pad_token_id or 0))
         record = _record(cfg, digest, fused, rows, measured, problem)
@@ -434,7 +433,7 @@ def _record(cfg, digest: str, fused: dict, rows: CheckRows, measured: list[Measu
     import torch
 
     mode = problem.mode(problem.default_metric)
-    return {"format": FORMAT, "source_sha256": digest, "cpu": cpu_name(), "threads": os.cpu_count(),
+    return {"format": FORMAT, "source_sha256": digest, "cpu": cpu_name(), "threads": default_threads(),
             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "opset": OPSET,
             "fused_operators": fused,
             "check": {"input": cfg.input, "rows": rows.tokens.num_rows, "label_column": cfg.label_column,

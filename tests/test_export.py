@@ -103,9 +103,9 @@ def test_same_prediction_follows_the_problem_type():
     single = make(SINGLE, {"a": 0, "b": 1})
     assert export.same_prediction(single, np.array([[2.0, 1.0], [0.0, 0.1]]),
                                   np.array([[1.5, 1.0], [0.2, 0.1]])).tolist() == [True, False]
-    multi = make(MULTI, {"a": 0, "b": 1}, threshold=0.5)  # logit 0 is the cut
-    assert export.same_prediction(multi, np.array([[1.0, -1.0], [0.1, -2.0]]),
-                                  np.array([[0.5, -0.5], [-0.1, -2.0]])).tolist() == [True, False]
+    multi = make(MULTI, {"a": 0, "b": 1}, threshold=0.5)  # probabilities; 0.5 itself is a label
+    assert export.same_prediction(multi, np.array([[0.7, 0.3], [0.5, 0.1]]),
+                                  np.array([[0.6, 0.4], [0.49, 0.1]])).tolist() == [True, False]
     reg = make(REGRESSION)  # within 1% of the reference's range (0..5 here: 0.05)
     assert export.same_prediction(reg, np.array([[0.0], [5.0], [2.0]]),
                                   np.array([[0.04], [5.0], [2.1]])).tolist() == [True, True, False]
