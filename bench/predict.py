@@ -14,7 +14,7 @@ Rows: SST-2 train (67,349 real sentences) repeated up to ``--rows``, written as 
 Both contenders read that Parquet and write the same Parquet (input columns + prediction,
 score); both timings include loading the model, reading and writing.
 
-* bertray: ``bertray.predict.run`` in-process after ``ray.init(num_cpus=2)``, with
+* bertray: ``bertray.predict.run`` in-process after ``ray.init(num_cpus=--cpus)`` (default 2), with
   configs/predict.yaml (backend=auto, amp=auto) and ``--batch-size``. The
   cluster start is not timed; the preflight, the scan, actor start-up, tokenization,
   inference, writing, the row-count check and the commit are.
@@ -100,8 +100,8 @@ def run_bertray(args) -> dict:
     from bertray.config_loader import load_config
     from bertray.predict import run
 
-    # address="local": always a private 2-CPU cluster, never one a `ray start` left running
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # address="local": always a private cluster, never one a `ray start` left running
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = load_config(ROOT / "configs" / "predict.yaml", [f"model.path={args.model}", f"input={args.input}", f"output={args.output}",
@@ -150,6 +150,7 @@ def measure(which: str, model: Path, inp: Path, out: Path, args) -> dict:
 
     cmd = [sys.executable, __file__, "--worker", which, "--model", str(model), "--input", str(inp),
            "--output", str(out), "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
+           "--cpus", str(args.cpus),
            *[f"--set={o}" for o in args.overrides]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     peak = {"rss": 0, "uss": 0}
@@ -227,7 +228,7 @@ def export_model(model: Path, directory: Path, args) -> tuple[Path, dict | None,
 def compare(rows: int, model: Path, directory: Path, args) -> dict:
     """bertray (and the pipeline) on ``rows`` rows; memory growth against rows/10 when asked."""
     inp = make_input(rows, directory / f"input-{rows}")
-    print(f"{rows} rows, model {model}, max_length {args.max_length}, 2 CPUs", flush=True)
+    print(f"{rows} rows, model {model}, max_length {args.max_length}, {args.cpus} CPUs", flush=True)
     results = {"bertray": measure("bertray", model, inp, directory / f"out-bertray-{rows}", args)}
     print(f"bertray:  {results['bertray']['rows_per_s']:.1f} rows/s", flush=True)
     if not args.skip_pipeline:
@@ -290,6 +291,7 @@ def main(argv=None) -> int:
     p.add_argument("--held-out", default=None, help="the export's check rows (default: full SST-2 validation)")
     p.add_argument("--no-export", action="store_true", help="no ONNX export: predict runs torch")
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of bertray's private Ray cluster (GPUs: all found)")
     p.add_argument("--batch-size", type=int, default=128, help="bertray micro-batch rows (the pipeline uses 64)")
     p.add_argument("--growth", action="store_true", help="also run rows/10 of the largest size: memory growth")
     p.add_argument("--skip-pipeline", action="store_true")
@@ -321,7 +323,7 @@ def main(argv=None) -> int:
     for rows, results in runs.items():
         print_run(rows, results)
     out = {"model": args.model or "MiniLM-L6 + fresh 2-label head", "max_length": args.max_length,
-           "batch_size": args.batch_size, "overrides": args.overrides, "cpus": 2, "machine": cpu_name(),
+           "batch_size": args.batch_size, "overrides": args.overrides, "cpus": args.cpus, "machine": cpu_name(),
            "export": record, "export_seconds": export_seconds, "runs": runs,
            "speedup": {rows: r["bertray"]["rows_per_s"] / r["pipeline"]["rows_per_s"]
                        for rows, r in runs.items() if "pipeline" in r},

@@ -3,14 +3,17 @@
     python bench/train.py                  # 4,000 SST-2 training rows, max_length 128, 1 epoch
     python bench/train.py --rows 1000      # quicker
     python bench/train.py --gpu --model bert-base-uncased --rows 20000 --batch-size 64   # one GPU, AMP
+    python bench/train.py --ways best bertray bertray+padding_free bertray+compile   # bertray's options
 
 Three runs, each in its own process (so peak memory is its own), evaluated on the full SST-2
 validation set (872 rows):
   1. Trainer as a user would write it: padding to max_length, fp32, batch 16;
   2. Trainer at its best: bf16, dynamic padding, group_by_length, batch 32;
-  3. bertray (jobs/train.py path, configs/sst2.yaml, 1 worker, bf16 auto, batch 32).
+  3. bertray (jobs/train.py path, configs/sst2.yaml, 1 worker, bf16 auto, batch 32);
+     with --ways, also bertray with train.padding_free and/or train.torch_compile (the epoch's
+     samples/s then includes compiling, as a user's run does).
 Training samples/s excludes start-up (model load, Ray start). Results go to
-bench/results/train.json (with --gpu: train_gpu.json). Needs `pip install -e ".[bench]"`
+bench/results/train.json (with --gpu: train_gpu.json; with other --ways: train_ways.json). Needs `pip install -e ".[bench]"`
 (accelerate, for Trainer).
 
 With --gpu every way trains on the GPU, the best Trainer and bertray in bf16; Trainer at its
@@ -77,6 +80,15 @@ def run_trainer(args, best: bool) -> dict:
             "peak_rss_mb": mem.peak / 2**20, "trainer_reported_samples_per_s": metrics["train_samples_per_second"]}
 
 
+BERTRAY_WAYS = {
+    "bertray": [],
+    "bertray+padding_free": ["train.padding_free=true"],
+    "bertray+compile": ["train.torch_compile=true"],
+    "bertray+padding_free+compile": ["train.padding_free=true", "train.torch_compile=true"],
+}
+WAYS = ["plain", "best", *BERTRAY_WAYS]
+
+
 def run_bertray(args) -> dict:
     import ray
 
@@ -84,7 +96,8 @@ def run_bertray(args) -> dict:
     from bertray.train import run
 
     overrides = [f"data.max_train_rows={args.rows}", f"train.max_length={args.max_length}", "train.epochs=1",
-                 f"train.batch_size={args.batch_size}", f"model.name={args.model}", f"data.root={DATA}"]
+                 f"train.batch_size={args.batch_size}", f"model.name={args.model}", f"data.root={DATA}",
+                 *BERTRAY_WAYS[args.worker]]
     if args.gpu:
         overrides += ["scaling.use_gpu=true", "train.amp=bf16"]
     with tempfile.TemporaryDirectory() as out:
@@ -115,29 +128,34 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="Trainer at its best and bertray (plain: 16)")
     parser.add_argument("--model", default="default", help="HF id or model directory (default: the pip-shipped MiniLM)")
     parser.add_argument("--gpu", action="store_true", help="train on one CUDA GPU")
-    parser.add_argument("--worker", choices=["plain", "best", "bertray"])
+    parser.add_argument("--ways", nargs="+", choices=WAYS, default=["plain", "best", "bertray"],
+                        help="the ways to run, each in its own process (plain is the ratios' base)")
+    parser.add_argument("--worker", choices=WAYS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_bertray(args) if args.worker == "bertray" else run_trainer(args, best=args.worker == "best")))
+        print(json.dumps(run_bertray(args) if args.worker in BERTRAY_WAYS
+                         else run_trainer(args, best=args.worker == "best")))
         return
-    argv = sys.argv[1:]
-    results = {k: measure(k, argv) for k in ("plain", "best", "bertray")}
+    argv = [a for a in sys.argv[1:] if a not in ("--ways", *WAYS)]
+    results = {k: measure(k, argv) for k in args.ways}
     device = "1 GPU" if args.gpu else f"{os.cpu_count()} CPUs"
     names = {"plain": "HF Trainer, pad to max_length, fp32, bs16",
              "best": f"HF Trainer, bf16, dynamic pad, group_by_length, bs{args.batch_size}",
-             "bertray": f"bertray jobs/train.py (Ray Train, 1 worker), bs{args.batch_size}"}
+             **{k: f"{k} (1 worker), bs{args.batch_size}" for k in BERTRAY_WAYS}}
+    base = results[args.ways[0]]["train_samples_per_s"]
     print(f"\nTraining {args.model}, {args.rows:,} SST-2 rows, max_length {args.max_length}, 1 epoch, {device}")
-    print(f"{'way':<58}{'samples/s':>11}{'train s':>9}{'val acc':>9}{'peak RSS MB':>13}{'vs plain':>10}")
+    print(f"{'way':<58}{'samples/s':>11}{'train s':>9}{'val acc':>9}{'peak RSS MB':>13}{'vs ' + args.ways[0]:>16}")
     for k, r in results.items():
-        ratio = r["train_samples_per_s"] / results["plain"]["train_samples_per_s"]
+        ratio = r["train_samples_per_s"] / base
         print(f"{names[k]:<58}{r['train_samples_per_s']:>11.1f}{r['train_seconds']:>9.1f}{r['accuracy']:>9.4f}"
-              f"{r['peak_rss_mb']:>13,.0f}{ratio:>9.2f}x")
+              f"{r['peak_rss_mb']:>13,.0f}{ratio:>15.2f}x")
     print("\ntargets: bertray >= 8x plain at accuracy no more than 1 point lower; not slower than Trainer at its best")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     record = {"model": args.model, "rows": args.rows, "max_length": args.max_length, "batch_size": args.batch_size,
               "device": device, **results}
-    (out / ("train_gpu.json" if args.gpu else "train.json")).write_text(json.dumps(record, indent=2))
+    name = ("train_gpu" if args.gpu else "train") + ("" if args.ways == ["plain", "best", "bertray"] else "_ways")
+    (out / f"{name}.json").write_text(json.dumps({**record, "ways": args.ways}, indent=2))
 
 
 if __name__ == "__main__":

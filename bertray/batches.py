@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from bertray.tokenization import length_order, pad_flat, pad_multiple
+from bertray.tokenization import length_order, pack_flat, pad_flat, pad_multiple
 
 
 def collate(table: pa.Table, pad_id: int, device: torch.device, problem=None) -> dict[str, torch.Tensor]:
@@ -31,6 +31,30 @@ def collate(table: pa.Table, pad_id: int, device: torch.device, problem=None) ->
         types = table.column("token_type_ids").combine_chunks()  # the same row lengths as input_ids
         batch["token_type_ids"] = torch.from_numpy(
             pad_flat(types.values.to_numpy(), types.offsets.to_numpy(), 0, multiple)[0])
+    return _to_device(batch, table, device, problem)
+
+
+def collate_padding_free(table: pa.Table, pad_id: int, max_length: int, device: torch.device,
+                         problem=None) -> dict[str, torch.Tensor]:
+    """A padding-free batch: the rows packed end to end into rows of ``max_length`` tokens
+    (rounded up to the device's pad multiple), with ``position_ids`` restarting at each text
+    and ``sequence_starts`` (each text's first token, for the classifier head) instead of an
+    ``attention_mask``. For a model prepared by :func:`bertray.modeling.enable_padding_free`."""
+    ids = table.column("input_ids").combine_chunks()
+    multiple = pad_multiple(device.type)
+    width = -(-max_length // multiple) * multiple
+    input_ids, position_ids, starts = pack_flat(ids.values.to_numpy(), ids.offsets.to_numpy(), pad_id, width)
+    batch = {"input_ids": torch.from_numpy(input_ids), "position_ids": torch.from_numpy(position_ids),
+             "sequence_starts": torch.from_numpy(starts)}
+    if "token_type_ids" in table.column_names:
+        types = table.column("token_type_ids").combine_chunks()
+        batch["token_type_ids"] = torch.from_numpy(
+            pack_flat(types.values.to_numpy(), types.offsets.to_numpy(), 0, width)[0])
+    return _to_device(batch, table, device, problem)
+
+
+def _to_device(batch: dict, table: pa.Table, device: torch.device, problem) -> dict[str, torch.Tensor]:
+    """``batch`` with the table's ``labels`` added (when present), on ``device``."""
     if "labels" in table.column_names:
         column = table.column("labels")
         # a copy: Arrow's buffers are read-only

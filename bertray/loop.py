@@ -32,7 +32,7 @@ import torch
 
 from bertray import calibration
 from bertray import problem as bproblem
-from bertray.batches import Digest, Prefetch, Timed, collate, epoch_seed, iterate
+from bertray.batches import Digest, Prefetch, Timed, collate, collate_padding_free, epoch_seed, iterate
 from bertray.checkpoint import load_checkpoint, save_checkpoint, unwrap, weights_finite
 from bertray.config import RunConfig
 from bertray.config_loader import config_from_dict
@@ -44,6 +44,7 @@ from bertray.modeling import (
     INFERENCE_EAGER_MAX_WIDTH,
     AttentionSwitch,
     amp_dtype,
+    enable_padding_free,
     load_classifier,
     load_tokenizer,
 )
@@ -297,7 +298,12 @@ def _load_model(job: Job, prepare: Callable):
     if m.freeze_encoder:
         for p in model.base_model.parameters():
             p.requires_grad_(False)
-    return prepare(model)
+    if job.cfg.train.padding_free:
+        enable_padding_free(model)
+    model = prepare(model)
+    if job.cfg.train.torch_compile:
+        model.compile()  # in place: the state dict keeps its names (no ``_orig_mod.``)
+    return model
 
 
 def setup(job: Job, worker: Worker, resume_dir: str | None = None, prepare: Callable = lambda m: m,
@@ -319,9 +325,12 @@ def setup(job: Job, worker: Worker, resume_dir: str | None = None, prepare: Call
                   scheduler=build_scheduler(optimizer, t.scheduler, t.warmup_ratio, total),
                   scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                   dtype=dtype, loss_weight=weight,
-                  attention=AttentionSwitch(model, TRAIN_EAGER_ATTENTION_MAX_WIDTH),
-                  eval_attention=AttentionSwitch(model, INFERENCE_EAGER_MAX_WIDTH),
-                  dropout_masks=FastDropout if device.type == "cpu" and t.fast_dropout else nullcontext,
+                  # A compiled model keeps one attention kernel and torch's dropout: switching
+                  # either would recompile it.
+                  attention=AttentionSwitch(model, 0 if t.torch_compile else TRAIN_EAGER_ATTENTION_MAX_WIDTH),
+                  eval_attention=AttentionSwitch(model, 0 if t.torch_compile else INFERENCE_EAGER_MAX_WIDTH),
+                  dropout_masks=(FastDropout if device.type == "cpu" and t.fast_dropout and not t.torch_compile
+                                 else nullcontext),
                   total_steps=total)
     if resume_dir is None:
         return parts, TrainState()
@@ -454,11 +463,19 @@ def _non_finite_message(cfg: RunConfig, what: str, step: int, epoch: int) -> str
             "(it resumes from the last good checkpoint).")
 
 
+def training_batch(r: Recipe, table) -> dict[str, torch.Tensor]:
+    """One training micro-batch's tensors: padded, or packed with ``train.padding_free``."""
+    t, pad_id = r.job.cfg.train, r.parts.tokenizer.pad_token_id or 0
+    if t.padding_free:
+        return collate_padding_free(table, pad_id, t.max_length, r.worker.device, r.job.problem)
+    return collate(table, pad_id, r.worker.device, r.job.problem)
+
+
 def micro_step(r: Recipe, table, boundary: bool) -> tuple[torch.Tensor, int]:
     """Forward and backward of one micro-batch; gradients accumulate until an optimizer step.
     Returns (loss, detached and on the device; rows)."""
     p, w, accum = r.parts, r.worker, r.job.cfg.train.grad_accum_steps
-    batch = collate(table, p.tokenizer.pad_token_id or 0, w.device, r.job.problem)
+    batch = training_batch(r, table)
     labels = batch.pop("labels")
     p.attention(batch["input_ids"].shape[1])
     # DDP all-reduces gradients at the last micro-batch of an accumulation only.

@@ -105,12 +105,12 @@ def load_classifier(name: str, label2id: dict[str, int] | None = None, id2label:
     return model
 
 
-def model_max_positions(name: str) -> tuple[int | None, str]:
-    """The model's ``max_position_embeddings`` and the config.json it was read from.
+def model_config_json(name: str) -> tuple[dict | None, str]:
+    """The model's ``config.json`` and where it was read from, without loading the model.
 
     A local folder (or ``default``) gives its own; a hub id the copy in the local Hugging Face
-    cache. None when there is none: the check is skipped, and the config check stays offline
-    (an unreachable hub would stall it for half a minute of retries).
+    cache. None when there is none: checks that need it are skipped, and the config check
+    stays offline (an unreachable hub would stall it for half a minute of retries).
     """
     from huggingface_hub import try_to_load_from_cache
 
@@ -118,9 +118,16 @@ def model_max_positions(name: str) -> tuple[int | None, str]:
     try:
         file = os.path.join(path, "config.json") if os.path.isdir(path) else try_to_load_from_cache(path, "config.json")
         with open(file) as f:
-            return json.load(f).get("max_position_embeddings"), file
+            config = json.load(f)
+        return (config, file) if isinstance(config, dict) else (None, path)
     except (OSError, ValueError, TypeError, AttributeError):  # absent, unreadable, not an id: the loader says so later
         return None, path
+
+
+def model_max_positions(name: str) -> tuple[int | None, str]:
+    """The model's ``max_position_embeddings`` and the config.json it was read from (None: unknown)."""
+    config, where = model_config_json(name)
+    return (config or {}).get("max_position_embeddings"), where
 
 
 def check_is_classifier(path: str) -> None:
@@ -215,7 +222,7 @@ class AttentionSwitch:
     def __init__(self, model, max_eager_width: int):
         self.model = getattr(model, "module", model)  # unwrap DDP
         self.max_eager_width = max_eager_width
-        self.enabled = self.model.device.type == "cpu" and self._can_switch()
+        self.enabled = max_eager_width > 0 and self.model.device.type == "cpu" and self._can_switch()
 
     def _can_switch(self) -> bool:
         if getattr(self.model.config, "_attn_implementation", None) != "sdpa":
@@ -234,3 +241,42 @@ class AttentionSwitch:
         want = "eager" if width <= self.max_eager_width else "sdpa"
         if self.model.config._attn_implementation != want:
             self.model.set_attn_implementation(want)
+
+
+PADDING_FREE_MODEL_TYPES = ("bert",)
+"""Model types whose classifier :func:`enable_padding_free` can run on packed rows."""
+
+
+def enable_padding_free(model) -> None:
+    """Let ``model`` (a ``BertForSequenceClassification``) score packed rows.
+
+    Padding-free batches (:func:`bertray.batches.collate_padding_free`) put several texts in one
+    row, with ``position_ids`` restarting at each text: Hugging Face's attention masks then keep
+    every text to itself (``masking_utils`` finds the texts from the positions). The classifier
+    head must read each text's first token, not each row's, so the model's ``forward`` is replaced
+    on this instance by one that takes ``sequence_starts`` (flat indices of the first tokens) and
+    otherwise calls the class's own ``forward``. It is replaced on the instance, not wrapped, so
+    DDP, ``torch.compile`` and ``save_pretrained`` see the model unchanged.
+
+    Raises:
+        BertrayError: the model is not a BERT-type sequence classifier.
+    """
+    from transformers import BertForSequenceClassification
+
+    if not isinstance(model, BertForSequenceClassification):
+        raise BertrayError(f"train.padding_free=true needs a BERT-type model (model_type in "
+                           f"{list(PADDING_FREE_MODEL_TYPES)}); {type(model).__name__} "
+                           f"(model_type={model.config.model_type!r}) is not one. Set train.padding_free=false")
+    model.forward = _padding_free_forward.__get__(model)
+
+
+def _padding_free_forward(self, input_ids=None, sequence_starts=None, **kwargs):
+    """``BertForSequenceClassification.forward`` on packed rows (see :func:`enable_padding_free`)."""
+    if sequence_starts is None:
+        return type(self).forward(self, input_ids=input_ids, **kwargs)
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    hidden = self.bert(input_ids=input_ids, **kwargs).last_hidden_state
+    first = hidden.flatten(0, 1)[sequence_starts]
+    pooled = self.bert.pooler(first[:, None]) if self.bert.pooler is not None else first
+    return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))

@@ -116,6 +116,51 @@ def pad_flat(values: np.ndarray, offsets: np.ndarray, pad_id: int, multiple: int
     return input_ids, mask.astype(np.int64)
 
 
+def first_fit(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of ``lengths`` tokens placed end to end in bins of ``width`` tokens, longest row
+    first, each into the first bin with room (first-fit decreasing).
+
+    Returns ``(bin, offset)`` of every row (in row order) and each bin's filled tokens.
+    """
+    bins: list[int] = []
+    where = np.empty(len(lengths), dtype=np.int64)
+    offset = np.empty(len(lengths), dtype=np.int64)
+    for row in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[row])
+        if n > width:
+            raise ValueError(f"a row of {n} tokens does not fit a packed row of {width} tokens")
+        b = next((b for b, filled in enumerate(bins) if filled + n <= width), len(bins))
+        if b == len(bins):
+            bins.append(0)
+        where[row], offset[row] = b, bins[b]
+        bins[b] += n
+    return where, offset, np.asarray(bins, dtype=np.int64)
+
+
+def pack_flat(values: np.ndarray, offsets: np.ndarray, pad_id: int, width: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pack rows (one flat array plus offsets) end to end into rows of ``width`` tokens:
+    Hugging Face's padding-free layout, where ``position_ids`` restart at 0 with every text
+    and so mark where one text ends and the next begins.
+
+    Returns ``(input_ids, position_ids, starts)``: two ``(bins, width)`` arrays and, for every
+    row in order, the flat index (into ``bins * width``) of its first token. A bin's unused
+    tail holds ``pad_id`` with positions of its own (a text of padding, never read).
+    """
+    lengths = np.diff(offsets)
+    where, offset, filled = first_fit(lengths, width)
+    starts = where * width + offset
+    before = np.repeat(offsets[:-1] - offsets[0], lengths)  # each token's row start in the flat array
+    within = np.arange(len(before)) - before
+    grid = np.arange(width)[None, :]
+    position_ids = np.where(grid >= filled[:, None], grid - filled[:, None], 0).reshape(-1)
+    input_ids = np.full(len(filled) * width, pad_id, dtype=np.int64)
+    target = np.repeat(starts, lengths) + within
+    input_ids[target] = values[offsets[0]:offsets[-1]]
+    position_ids[target] = within
+    return input_ids.reshape(-1, width), position_ids.reshape(-1, width), starts
+
+
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = PAD_MULTIPLE) -> tuple[np.ndarray, np.ndarray]:
     """Same as :func:`pad_flat` for a list of id lists."""
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))

@@ -1,0 +1,167 @@
+"""Padding-free batches and torch.compile: the same logits and gradients as the padded path,
+with the real MiniLM on real SST-2 and MRPC rows, on CPU (the paths GPUs run, checked here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+from conftest import smoke_config
+
+from bertray.batches import collate, collate_padding_free
+from bertray.config import ConfigError
+from bertray.errors import BertrayError
+from bertray.modeling import enable_padding_free, load_classifier, load_tokenizer
+from bertray.tokenization import encode_flat, pack_flat
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("default")
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m = load_classifier("default", {"neg": 0, "pos": 1}, {0: "neg", 1: "pos"}, num_hidden_layers=2).eval()
+    enable_padding_free(m)
+    return m
+
+
+def _table(tokenizer, texts, pairs=None, labels=None) -> pa.Table:
+    values, offsets, *types = encode_flat(tokenizer.backend_tokenizer, texts, 128, pairs=pairs)
+    types = types[0] if types else None
+    columns = {"input_ids": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))}
+    if types is not None:
+        columns["token_type_ids"] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(types, pa.int8()))
+    columns["labels"] = pa.array(labels if labels is not None else [0] * len(texts), pa.int64())
+    return pa.table(columns)
+
+
+@pytest.fixture(scope="module")
+def sst2(tokenizer, data_root):
+    df = pd.read_parquet(data_root / "sst2" / "validation.parquet").head(48)
+    return _table(tokenizer, df["text"].tolist(), labels=df["label"].tolist())
+
+
+@pytest.fixture(scope="module")
+def mrpc(tokenizer, data_root):
+    df = pd.read_parquet(data_root / "mrpc" / "validation.parquet").head(24)
+    return _table(tokenizer, df["sentence1"].tolist(), df["sentence2"].tolist(), df["label"].tolist())
+
+
+def test_pack_places_every_token_once_in_order_with_positions_restarting():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 40, size=57)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = rng.integers(1000, 30000, size=offsets[-1])
+    ids, positions, starts = pack_flat(values, offsets, 0, 64)
+    assert ids.shape == positions.shape and ids.shape[1] == 64
+    assert ids.shape[0] <= -(-lengths.sum() // 64) + 2  # first-fit decreasing leaves little room unused
+    flat_ids, flat_pos = ids.reshape(-1), positions.reshape(-1)
+    for i, (start, n) in enumerate(zip(starts, lengths, strict=True)):
+        assert start // 64 == (start + n - 1) // 64  # a text never crosses rows
+        np.testing.assert_array_equal(flat_ids[start:start + n], values[offsets[i]:offsets[i + 1]])
+        np.testing.assert_array_equal(flat_pos[start:start + n], np.arange(n))
+    used = np.zeros(flat_ids.size, bool)
+    for start, n in zip(starts, lengths, strict=True):
+        assert not used[start:start + n].any()
+        used[start:start + n] = True
+    assert (flat_ids[~used] == 0).all()  # the rest is padding ...
+    for row in range(ids.shape[0]):  # ... at each row's end, as one text of its own from position 0
+        tail = ~used.reshape(ids.shape)[row]
+        assert tail.tolist() == sorted(tail.tolist())
+        np.testing.assert_array_equal(positions[row][tail], np.arange(tail.sum()))
+
+
+def test_pack_refuses_a_text_longer_than_a_row():
+    with pytest.raises(ValueError, match="70 tokens does not fit a packed row of 64"):
+        pack_flat(np.ones(72), np.array([0, 2, 72]), 0, 64)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("rows", ["sst2", "mrpc"])
+def test_padding_free_logits_and_gradients_equal_the_padded_path(model, rows, attention, request):
+    table = request.getfixturevalue(rows)
+    model.set_attn_implementation(attention)
+    padded, packed = collate(table, 0, CPU), collate_padding_free(table, 0, 128, CPU)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()  # fewer tokens computed
+    if rows == "mrpc":
+        assert packed["token_type_ids"].sum() == padded["token_type_ids"].sum() > 0
+    results = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads))
+    (ref, ref_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    assert ref_grads.keys() == got_grads.keys()
+    for name in ("classifier.weight", "bert.pooler.dense.weight", "bert.encoder.layer.0.attention.self.query.weight",
+                 "bert.embeddings.position_embeddings.weight"):
+        torch.testing.assert_close(got_grads[name], ref_grads[name], atol=1e-5, rtol=1e-3)
+
+
+def test_padding_free_model_still_takes_padded_batches(model, sst2):
+    batch = collate(sst2, 0, CPU)
+    batch.pop("labels")
+    plain = load_classifier("default", {"neg": 0, "pos": 1}, {0: "neg", 1: "pos"}, num_hidden_layers=2).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**batch).logits, plain(**batch).logits)
+
+
+def test_padding_free_refuses_a_model_it_cannot_pool(tmp_path):
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    config = DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=1, n_heads=2, num_labels=2)
+    with pytest.raises(BertrayError, match="DistilBertForSequenceClassification.*model_type='distilbert'.*"
+                                           "train.padding_free=false"):
+        enable_padding_free(DistilBertForSequenceClassification(config))
+    DistilBertForSequenceClassification(config).save_pretrained(tmp_path / "distil")
+    with pytest.raises(ConfigError, match=r"train.padding_free=true needs a BERT-type model.*distilbert"):
+        smoke_config(tmp_path / "out", f"model.name={tmp_path / 'distil'}", "train.padding_free=true")
+    smoke_config(tmp_path / "out", f"model.name={tmp_path / 'distil'}")  # the same model without it: fine
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_eager_logits_padded_and_padding_free(model, sst2):
+    padded, packed = collate(sst2, 0, CPU), collate_padding_free(sst2, 0, 128, CPU)
+    for batch in (padded, packed):
+        batch.pop("labels")
+    with torch.inference_mode():
+        eager = [model(**padded).logits, model(**packed).logits]
+        model.compile()
+        compiled = [model(**padded).logits, model(**packed).logits]
+    for e, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(c, e, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(compiled[1], compiled[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_ddp_run_padding_free_and_compiled_exports_a_plain_model_with_its_reported_accuracy(ray_session, tmp_path,
+                                                                                             data_root):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bertray.train import run
+
+    cfg = smoke_config(tmp_path / "pf", "scaling.num_workers=2", "train.batch_size=8", "train.amp=fp32",
+                       "train.epochs=1", "train.padding_free=true", "train.torch_compile=true")
+    result = run(cfg)
+    model, info = AutoModelForSequenceClassification.from_pretrained(result.model_dir, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or renamed (``_orig_mod.``) weights
+    tok = AutoTokenizer.from_pretrained(result.model_dir)
+    val = pd.read_parquet(data_root / "trec" / "test.parquet").head(cfg.data.max_validation_rows or None)
+    label2id = model.config.label2id
+    with torch.inference_mode():
+        enc = tok(val["text"].tolist(), truncation=True, max_length=cfg.train.max_length, padding=True,
+                  return_tensors="pt")
+        predicted = model(**enc).logits.argmax(-1).numpy()
+    truth = np.array([label2id[v] if isinstance(v, str) else int(v) for v in val["label"]])
+    assert np.mean(predicted == truth) == pytest.approx(result.metrics["accuracy"], abs=1e-9)
