@@ -216,7 +216,7 @@ class AttentionSwitch:
     On CPU, eager attention beats SDPA's flash kernel on short rows and loses on long ones
     (figures in docs/benchmarks.md, "CPU options"). The kernel is looked up from the config at each forward, so switching costs nothing and
     leaves the weights alone. Models on a GPU keep SDPA, and models that cannot switch keep
-    their own implementation.
+    their own implementation; ``max_eager_width=0`` turns the switch off (a compiled model).
     """
 
     def __init__(self, model, max_eager_width: int):
