@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# The GPU checks, in one run on a machine with one CUDA GPU (about 10 minutes on an H100/H200):
-#   bash bench/gpu.sh            # results in bench/results/train_gpu_ways.json and predict_gpu.json
-# 1. training, BERT-base shape (random weights, MiniLM's uncased vocabulary), 20,000 SST-2 rows,
-#    batch 64, bf16: Trainer at its best against bertray padded, padding-free, compiled, both;
-# 2. prediction with use_gpu=true on 100,000 SST-2 rows (the rate once running is in its stages).
+# The GPU checks on a machine with one CUDA GPU, each part under 10 minutes on an H100/H200:
+#   bash bench/gpu.sh train      # -> bench/results/train_gpu_ways.json
+#   bash bench/gpu.sh predict    # -> bench/results/predict_gpu.json, predict_gpu_tok6.json
+#   bash bench/gpu.sh            # both
+# train: BERT-base shape (random weights, MiniLM's uncased vocabulary), 20,000 SST-2 rows, batch
+#   64, bf16: Trainer at its best against bertray padded, padding-free, compiled, and both.
+# predict: use_gpu=true on 400,000 SST-2 rows with one tokenizer actor and with six (the rate
+#   once running is in the printed stages).
 # Needs the full data sets ($BERTRAY_DATA_ROOT) and `pip install -e ".[bench]"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model="${BERT_BASE_DIR:-/tmp/bertray-bert-base-shape}"
-if [ ! -f "$model/config.json" ]; then
-  python - "$model" <<'EOF'
+part="${1:-all}"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [ "$part" = train ] || [ "$part" = all ]; then
+  model="${BERT_BASE_DIR:-/tmp/bertray-bert-base-shape}"
+  if [ ! -f "$model/config.json" ]; then
+    python - "$model" <<'EOF'
 import shutil, sys
 from pathlib import Path
 from transformers import BertConfig, BertForSequenceClassification
@@ -20,9 +26,14 @@ for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_to
     if (minilm / name).is_file():
         shutil.copy(minilm / name, out / name)
 EOF
+  fi
+  python bench/train.py --gpu --model "$model" --rows 20000 --batch-size 64 \
+    --ways best bertray bertray+padding_free bertray+compile bertray+padding_free+compile
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python bench/train.py --gpu --model "$model" --rows 20000 --batch-size 64 \
-  --ways best bertray bertray+padding_free bertray+compile bertray+padding_free+compile
-python bench/predict.py --rows 100000 --no-export --skip-pipeline --set use_gpu=true \
-  --cpus "$(nproc)" --results bench/results/predict_gpu.json
+if [ "$part" = predict ] || [ "$part" = all ]; then
+  for tokenizers in 1 6; do
+    python bench/predict.py --rows 400000 --no-export --skip-pipeline --cpus "$(nproc)" \
+      --set use_gpu=true --set num_tokenizer_actors=$tokenizers \
+      --results "bench/results/predict_gpu$([ $tokenizers = 1 ] || echo _tok$tokenizers).json"
+  done
+fi
