@@ -63,6 +63,15 @@ def ray_session():
     ray.shutdown()
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` of a job a test stops with Ctrl-C: SIGINT back to its default in the child.
+    A shell starts background commands (``pytest ... &`` in a script, some CI runners) with SIGINT
+    ignored; the child would inherit that, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def smoke_config(tmp: Path, *overrides: str):
     """configs/smoke.yaml with ``output_dir`` under ``tmp`` and extra overrides."""
     from bertray.config import RunConfig
