@@ -169,14 +169,15 @@ class TrainConfig:
     """Pack each batch's texts end to end into rows of ``max_length`` tokens (rounded up to a
     multiple of 8 on GPUs) instead of padding every text to the batch's longest: Hugging Face's
     padding-free layout, ``position_ids`` restarting at each text so attention stays within it.
-    The logits are the padded path's; only the tokens computed change (SST-2 batches of 64 on a
-    GPU carry ~33% padding even with length bucketing). BERT-type models (``model_type: bert``).
+    The logits are the padded path's. The linear layers skip the padding; with SDPA or eager
+    attention each text's attention spans its packed row (masked), while ``flash_attention_2``
+    and ``flex_attention`` skip the masked blocks. BERT-type models (``model_type: bert``).
     Measured in docs/benchmarks.md, "Padding-free batches and torch.compile"."""
     torch_compile: bool = False
     """Compile the model with ``torch.compile`` (TorchInductor) before training: fewer, fused
-    kernels per step, at the cost of compiling once per run (tens of seconds) and again for new
-    batch shapes. On CPU it replaces ``fast_dropout`` and the eager-attention switch with the
-    compiled kernels. Measured in docs/benchmarks.md, "Padding-free batches and torch.compile"."""
+    kernels per step, at the cost of compiling at the start of the run and again for new batch
+    shapes. On CPU it replaces ``fast_dropout`` and the eager-attention switch with the compiled
+    kernels. Measured in docs/benchmarks.md, "Padding-free batches and torch.compile"."""
 
 
 @schema
@@ -475,14 +476,11 @@ def _search_space_problems(tune: TuneConfig, cfg: RunConfig) -> list[str]:
 
 
 def _padding_free_problems(model: str) -> list[str]:
-    from bertray.modeling import PADDING_FREE_MODEL_TYPES, model_config_json  # modeling imports this module
+    from bertray.modeling import model_config_json, padding_free_problem  # modeling imports this module
 
     config, where = model_config_json(model)
-    kind = (config or {}).get("model_type")
-    if config is not None and kind not in PADDING_FREE_MODEL_TYPES:
-        return [f"train.padding_free=true needs a BERT-type model (model_type in {list(PADDING_FREE_MODEL_TYPES)}); "
-                f"model {model!r} is model_type={kind!r} ({where}). Set train.padding_free=false"]
-    return []
+    problem = padding_free_problem(config.get("model_type")) if config is not None else None
+    return [f"model {model!r} ({where}): {problem}"] if problem else []
 
 
 def _max_length_problems(key: str, max_length: int, model: str) -> list[str]:

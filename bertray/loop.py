@@ -325,18 +325,23 @@ def setup(job: Job, worker: Worker, resume_dir: str | None = None, prepare: Call
                   scheduler=build_scheduler(optimizer, t.scheduler, t.warmup_ratio, total),
                   scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                   dtype=dtype, loss_weight=weight,
-                  # A compiled model keeps one attention kernel and torch's dropout: switching
-                  # either would recompile it.
-                  attention=AttentionSwitch(model, 0 if t.torch_compile else TRAIN_EAGER_ATTENTION_MAX_WIDTH),
-                  eval_attention=AttentionSwitch(model, 0 if t.torch_compile else INFERENCE_EAGER_MAX_WIDTH),
-                  dropout_masks=(FastDropout if device.type == "cpu" and t.fast_dropout and not t.torch_compile
-                                 else nullcontext),
+                  **_cpu_kernels(model, t, device),
                   total_steps=total)
     if resume_dir is None:
         return parts, TrainState()
     saved = TrainState.from_json(load_checkpoint(resume_dir, model, optimizer, parts.scheduler, parts.scaler))
     state = dataclasses.replace(saved, restores=saved.restores + 1, resumed_at_epoch=saved.epoch)
     return parts, state
+
+
+def _cpu_kernels(model, t, device: torch.device) -> dict:
+    """The CPU-only kernel choices of :class:`Parts`: eager attention for narrow batches and
+    fast dropout masks. A compiled model keeps one attention kernel and torch's dropout
+    (switching either would recompile it); GPUs never switch."""
+    switch = not t.torch_compile
+    return {"attention": AttentionSwitch(model, TRAIN_EAGER_ATTENTION_MAX_WIDTH if switch else 0),
+            "eval_attention": AttentionSwitch(model, INFERENCE_EAGER_MAX_WIDTH if switch else 0),
+            "dropout_masks": FastDropout if switch and device.type == "cpu" and t.fast_dropout else nullcontext}
 
 
 # ----------------------------------------------------------------------------- the steps

@@ -6,6 +6,7 @@ unless a config opts in.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import TYPE_CHECKING
@@ -245,6 +246,17 @@ class AttentionSwitch:
 
 PADDING_FREE_MODEL_TYPES = ("bert",)
 """Model types whose classifier :func:`enable_padding_free` can run on packed rows."""
+PADDING_FREE_CLASSES = ("BertForSequenceClassification",)
+
+
+def padding_free_problem(model_type: str | None, class_name: str | None = None) -> str | None:
+    """Why ``train.padding_free`` cannot train this model (None: it can). ``class_name``: the
+    loaded model's class, unknown before it loads (the config check has only config.json)."""
+    if model_type in PADDING_FREE_MODEL_TYPES and class_name in (None, *PADDING_FREE_CLASSES):
+        return None
+    return (f"train.padding_free=true needs a BERT-type model (model_type in {list(PADDING_FREE_MODEL_TYPES)}, "
+            f"class {', '.join(PADDING_FREE_CLASSES)}); this one is model_type={model_type!r}"
+            + (f", class {class_name}" if class_name else "") + ". Set train.padding_free=false")
 
 
 def enable_padding_free(model) -> None:
@@ -256,18 +268,15 @@ def enable_padding_free(model) -> None:
     head must read each text's first token, not each row's, so the model's ``forward`` is replaced
     on this instance by one that takes ``sequence_starts`` (flat indices of the first tokens) and
     otherwise calls the class's own ``forward``. It is replaced on the instance, not wrapped, so
-    DDP, ``torch.compile`` and ``save_pretrained`` see the model unchanged.
+    DDP, ``torch.compile`` and ``save_pretrained`` see the model's own class and weight names.
 
     Raises:
         BertrayError: the model is not a BERT-type sequence classifier.
     """
-    from transformers import BertForSequenceClassification
-
-    if not isinstance(model, BertForSequenceClassification):
-        raise BertrayError(f"train.padding_free=true needs a BERT-type model (model_type in "
-                           f"{list(PADDING_FREE_MODEL_TYPES)}); {type(model).__name__} "
-                           f"(model_type={model.config.model_type!r}) is not one. Set train.padding_free=false")
-    model.forward = _padding_free_forward.__get__(model)
+    problem = padding_free_problem(getattr(model.config, "model_type", None), type(model).__name__)
+    if problem:
+        raise BertrayError(problem)
+    model.forward = functools.partial(_padding_free_forward, model)  # a partial pickles; a bound method would not
 
 
 def _padding_free_forward(self, input_ids=None, sequence_starts=None, **kwargs):

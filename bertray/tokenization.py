@@ -145,16 +145,16 @@ def pack_flat(values: np.ndarray, offsets: np.ndarray, pad_id: int, width: int
 
     Returns ``(input_ids, position_ids, starts)``: two ``(bins, width)`` arrays and, for every
     row in order, the flat index (into ``bins * width``) of its first token. A bin's unused
-    tail holds ``pad_id`` with positions of its own (a text of padding, never read).
+    tail holds ``pad_id`` at position 0, so each padding token is a text of its own (attending
+    only to itself, never read) and no position exceeds the longest text's.
     """
     lengths = np.diff(offsets)
     where, offset, filled = first_fit(lengths, width)
     starts = where * width + offset
     before = np.repeat(offsets[:-1] - offsets[0], lengths)  # each token's row start in the flat array
     within = np.arange(len(before)) - before
-    grid = np.arange(width)[None, :]
-    position_ids = np.where(grid >= filled[:, None], grid - filled[:, None], 0).reshape(-1)
-    input_ids = np.full(len(filled) * width, pad_id, dtype=np.int64)
+    position_ids = np.zeros(len(filled) * width, dtype=np.int64)
+    input_ids = np.full(len(position_ids), pad_id, dtype=np.int64)
     target = np.repeat(starts, lengths) + within
     input_ids[target] = values[offsets[0]:offsets[-1]]
     position_ids[target] = within

@@ -7,6 +7,7 @@ $BERTRAY_DATA_ROOT names (the full sets). A test that needs the full sets asks f
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 RAY_FIXTURES = {"ray_session", "trained"}
+
+
+def pytest_configure(config):
+    """Ctrl-C reaches the jobs tests start and stop with SIGINT: a shell starts background
+    commands (``pytest ... &`` in a script, some CI runners) with SIGINT ignored, children inherit
+    that, and Python then never raises KeyboardInterrupt. A handled signal is reset to its default
+    in every child started after this."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -61,15 +71,6 @@ def ray_session():
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
-
-
-def default_sigint() -> None:
-    """``preexec_fn`` of a job a test stops with Ctrl-C: SIGINT back to its default in the child.
-    A shell starts background commands (``pytest ... &`` in a script, some CI runners) with SIGINT
-    ignored; the child would inherit that, and Python then never raises KeyboardInterrupt."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def smoke_config(tmp: Path, *overrides: str):

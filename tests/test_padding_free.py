@@ -26,10 +26,11 @@ def tokenizer():
 
 @pytest.fixture
 def model():
+    """Training mode (the paths training runs) with dropout 0, so two forward passes can be compared."""
     torch.manual_seed(0)
-    m = load_classifier("default", {"neg": 0, "pos": 1}, {0: "neg", 1: "pos"}, num_hidden_layers=2).eval()
+    m = load_classifier("default", {"neg": 0, "pos": 1}, {0: "neg", 1: "pos"}, num_hidden_layers=2, dropout=0.0)
     enable_padding_free(m)
-    return m
+    return m.train()
 
 
 def _table(tokenizer, texts, pairs=None, labels=None) -> pa.Table:
@@ -54,33 +55,45 @@ def mrpc(tokenizer, data_root):
     return _table(tokenizer, df["sentence1"].tolist(), df["sentence2"].tolist(), df["label"].tolist())
 
 
-def test_pack_places_every_token_once_in_order_with_positions_restarting():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(2, 40, size=57)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    values = rng.integers(1000, 30000, size=offsets[-1])
+@pytest.mark.parametrize("lengths", [
+    np.random.default_rng(0).integers(2, 40, size=57),  # mixed
+    np.array([64, 64, 32, 32]),  # rows filled exactly: no padding at all
+    np.array([1, 64, 3, 1]),  # one-token texts, a text as long as a row
+], ids=["mixed", "full", "edges"])
+def test_pack_places_every_token_once_in_order_with_positions_restarting(lengths):
+    offsets = np.concatenate([[5], 5 + np.cumsum(lengths)])  # a slice of a longer array, as Arrow gives
+    values = np.random.default_rng(1).integers(1000, 30000, size=offsets[-1])
     ids, positions, starts = pack_flat(values, offsets, 0, 64)
     assert ids.shape == positions.shape and ids.shape[1] == 64
     assert ids.shape[0] <= -(-lengths.sum() // 64) + 2  # first-fit decreasing leaves little room unused
     flat_ids, flat_pos = ids.reshape(-1), positions.reshape(-1)
+    used = np.zeros(flat_ids.size, bool)
     for i, (start, n) in enumerate(zip(starts, lengths, strict=True)):
         assert start // 64 == (start + n - 1) // 64  # a text never crosses rows
         np.testing.assert_array_equal(flat_ids[start:start + n], values[offsets[i]:offsets[i + 1]])
         np.testing.assert_array_equal(flat_pos[start:start + n], np.arange(n))
-    used = np.zeros(flat_ids.size, bool)
-    for start, n in zip(starts, lengths, strict=True):
         assert not used[start:start + n].any()
         used[start:start + n] = True
-    assert (flat_ids[~used] == 0).all()  # the rest is padding ...
-    for row in range(ids.shape[0]):  # ... at each row's end, as one text of its own from position 0
-        tail = ~used.reshape(ids.shape)[row]
-        assert tail.tolist() == sorted(tail.tolist())
-        np.testing.assert_array_equal(positions[row][tail], np.arange(tail.sum()))
+    # the rest is padding at each row's end, every token at position 0 (a text of its own)
+    assert (flat_ids[~used] == 0).all() and (flat_pos[~used] == 0).all()
+    for row in used.reshape(ids.shape):
+        assert row.tolist() == sorted(row.tolist(), reverse=True)
+    if lengths.sum() % 64 == 0 and set(lengths) <= {32, 64}:
+        assert used.all()
 
 
 def test_pack_refuses_a_text_longer_than_a_row():
     with pytest.raises(ValueError, match="70 tokens does not fit a packed row of 64"):
         pack_flat(np.ones(72), np.array([0, 2, 72]), 0, 64)
+
+
+def _loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    model.zero_grad()
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -92,15 +105,7 @@ def test_padding_free_logits_and_gradients_equal_the_padded_path(model, rows, at
     assert packed["input_ids"].numel() < padded["input_ids"].numel()  # fewer tokens computed
     if rows == "mrpc":
         assert packed["token_type_ids"].sum() == padded["token_type_ids"].sum() > 0
-    results = []
-    for batch in (padded, packed):
-        model.zero_grad()
-        labels = batch.pop("labels")
-        logits = model(**batch).logits
-        torch.nn.functional.cross_entropy(logits, labels).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((logits.detach(), grads))
-    (ref, ref_grads), (got, got_grads) = results
+    (ref, ref_grads), (got, got_grads) = _loss_and_grads(model, padded), _loss_and_grads(model, packed)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     assert ref_grads.keys() == got_grads.keys()
     for name in ("classifier.weight", "bert.pooler.dense.weight", "bert.encoder.layer.0.attention.self.query.weight",
@@ -114,14 +119,14 @@ def test_padding_free_model_still_takes_padded_batches(model, sst2):
     plain = load_classifier("default", {"neg": 0, "pos": 1}, {0: "neg", 1: "pos"}, num_hidden_layers=2).eval()
     plain.load_state_dict(model.state_dict())
     with torch.inference_mode():
-        torch.testing.assert_close(model(**batch).logits, plain(**batch).logits)
+        torch.testing.assert_close(model.eval()(**batch).logits, plain(**batch).logits)
 
 
 def test_padding_free_refuses_a_model_it_cannot_pool(tmp_path):
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     config = DistilBertConfig(vocab_size=64, dim=32, hidden_dim=64, n_layers=1, n_heads=2, num_labels=2)
-    with pytest.raises(BertrayError, match="DistilBertForSequenceClassification.*model_type='distilbert'.*"
+    with pytest.raises(BertrayError, match="model_type='distilbert', class DistilBertForSequenceClassification.*"
                                            "train.padding_free=false"):
         enable_padding_free(DistilBertForSequenceClassification(config))
     DistilBertForSequenceClassification(config).save_pretrained(tmp_path / "distil")
@@ -131,17 +136,19 @@ def test_padding_free_refuses_a_model_it_cannot_pool(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_model_gives_the_eager_logits_padded_and_padding_free(model, sst2):
+def test_compiled_model_trains_like_the_eager_one_padded_and_padding_free(model, sst2):
     padded, packed = collate(sst2, 0, CPU), collate_padding_free(sst2, 0, 128, CPU)
-    for batch in (padded, packed):
-        batch.pop("labels")
-    with torch.inference_mode():
-        eager = [model(**padded).logits, model(**packed).logits]
-        model.compile()
-        compiled = [model(**padded).logits, model(**packed).logits]
-    for e, c in zip(eager, compiled, strict=True):
-        torch.testing.assert_close(c, e, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(compiled[1], compiled[0], atol=2e-5, rtol=1e-4)
+    eager = [_loss_and_grads(model, padded), _loss_and_grads(model, packed)]
+    model.compile()
+    compiled = [_loss_and_grads(model, padded), _loss_and_grads(model, packed)]
+    with torch.inference_mode():  # evaluation's mode: another graph
+        inference = model(**{k: v for k, v in padded.items() if k != "labels"}).logits
+    for (e_logits, e_grads), (c_logits, c_grads) in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(c_logits, e_logits, atol=2e-5, rtol=1e-4)
+        for name in ("classifier.weight", "bert.encoder.layer.0.attention.self.query.weight"):
+            torch.testing.assert_close(c_grads[name], e_grads[name], atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(compiled[1][0], compiled[0][0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(inference, eager[0][0], atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.slow

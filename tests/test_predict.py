@@ -17,7 +17,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import default_sigint
 
 from bertray.config import PredictConfig
 from bertray.config_loader import load_config
@@ -406,8 +405,7 @@ def _start_job(model_dir, inp, out) -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, str(ROOT / "jobs" / "predict.py"), "--config", str(CONFIG), f"model.path={model_dir}",
            f"input={inp}", f"output={out}", f"max_length={MAX_LENGTH}", "batch_size=32"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            preexec_fn=default_sigint), log
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), log
 
 
 def _signal_when_pieces_are_done(proc: subprocess.Popen, log: Path, out: Path, sig: int, done: int) -> int:

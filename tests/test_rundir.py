@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, default_sigint, smoke_config
+from conftest import ROOT, smoke_config
 
 from bertray import rundir, tracking
 from bertray.cli import main
@@ -184,8 +184,7 @@ def test_ctrl_c_exits_130_with_state_saved(data_root, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1", tracking.ENV_URI: store}
     proc = subprocess.Popen([sys.executable, "jobs/train.py", "--config", SMOKE, f"output_dir={out}",
                              "train.epochs=50", "train.log_every_n_steps=1"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=default_sigint)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # wait until steps are being trained
         lines.append(line)
