@@ -2,7 +2,8 @@
 
 Rows are tokenized without padding and stored as variable-length ``input_ids``; a
 batch is padded only when it is formed, to its longest row (on GPUs rounded up to a
-multiple of 8, see :func:`pad_multiple`), never to ``max_length``.
+multiple of 8, see :func:`pad_multiple`), never to ``max_length``; or, padding-free,
+packed end to end into rows of ``max_length`` tokens (:func:`pack_flat`).
 """
 
 from __future__ import annotations
