@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from bertray.tokenization import length_order, pack_flat, pad_flat, pad_multiple
+from bertray.tokenization import Packing, length_order, pad_flat, pad_multiple
 
 
 def collate(table: pa.Table, pad_id: int, device: torch.device, problem=None) -> dict[str, torch.Tensor]:
@@ -43,13 +43,12 @@ def collate_padding_free(table: pa.Table, pad_id: int, max_length: int, device: 
     ids = table.column("input_ids").combine_chunks()
     multiple = pad_multiple(device.type)
     width = -(-max_length // multiple) * multiple
-    input_ids, position_ids, starts = pack_flat(ids.values.to_numpy(), ids.offsets.to_numpy(), pad_id, width)
-    batch = {"input_ids": torch.from_numpy(input_ids), "position_ids": torch.from_numpy(position_ids),
-             "sequence_starts": torch.from_numpy(starts)}
+    packing = Packing.of(ids.offsets.to_numpy(), width)
+    batch = {"input_ids": torch.from_numpy(packing.place(ids.values.to_numpy(), ids.offsets.to_numpy(), pad_id)),
+             "position_ids": torch.from_numpy(packing.position_ids), "sequence_starts": torch.from_numpy(packing.starts)}
     if "token_type_ids" in table.column_names:
-        types = table.column("token_type_ids").combine_chunks()
-        batch["token_type_ids"] = torch.from_numpy(
-            pack_flat(types.values.to_numpy(), types.offsets.to_numpy(), 0, width)[0])
+        types = table.column("token_type_ids").combine_chunks()  # the same row lengths as input_ids
+        batch["token_type_ids"] = torch.from_numpy(packing.place(types.values.to_numpy(), types.offsets.to_numpy(), 0))
     return _to_device(batch, table, device, problem)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -138,28 +139,47 @@ def first_fit(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, 
     return where, offset, np.asarray(bins, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Where each token of a batch goes in Hugging Face's padding-free layout: the rows packed
+    end to end (:func:`first_fit`) into rows of ``width`` tokens, ``position_ids`` restarting
+    at 0 with every text and so marking where one text ends and the next begins. Computed once
+    per batch and applied to every column with the rows' layout (ids, token type ids)."""
+
+    width: int
+    target: np.ndarray
+    """The flat index (into ``bins * width``) of every token, in the rows' flat order."""
+    position_ids: np.ndarray
+    """``(bins, width)``. A bin's unused tail sits at position 0, so each padding token is a
+    text of its own (attending only to itself, never read) and no position exceeds the
+    longest text's."""
+    starts: np.ndarray
+    """For every row in order, the flat index of its first token."""
+
+    @classmethod
+    def of(cls, offsets: np.ndarray, width: int) -> Packing:
+        lengths = np.diff(offsets)
+        where, offset, filled = first_fit(lengths, width)
+        starts = where * width + offset
+        within = np.arange(offsets[-1] - offsets[0]) - np.repeat(offsets[:-1] - offsets[0], lengths)
+        target = np.repeat(starts, lengths) + within
+        position_ids = np.zeros(len(filled) * width, dtype=np.int64)
+        position_ids[target] = within
+        return cls(width, target, position_ids.reshape(-1, width), starts)
+
+    def place(self, values: np.ndarray, offsets: np.ndarray, fill: int) -> np.ndarray:
+        """A column (one flat array plus offsets, laid out as the rows packed) as ``(bins, width)``."""
+        out = np.full(self.position_ids.size, fill, dtype=np.int64)
+        out[self.target] = values[offsets[0]:offsets[-1]]
+        return out.reshape(-1, self.width)
+
+
 def pack_flat(values: np.ndarray, offsets: np.ndarray, pad_id: int, width: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pack rows (one flat array plus offsets) end to end into rows of ``width`` tokens:
-    Hugging Face's padding-free layout, where ``position_ids`` restart at 0 with every text
-    and so mark where one text ends and the next begins.
-
-    Returns ``(input_ids, position_ids, starts)``: two ``(bins, width)`` arrays and, for every
-    row in order, the flat index (into ``bins * width``) of its first token. A bin's unused
-    tail holds ``pad_id`` at position 0, so each padding token is a text of its own (attending
-    only to itself, never read) and no position exceeds the longest text's.
-    """
-    lengths = np.diff(offsets)
-    where, offset, filled = first_fit(lengths, width)
-    starts = where * width + offset
-    before = np.repeat(offsets[:-1] - offsets[0], lengths)  # each token's row start in the flat array
-    within = np.arange(len(before)) - before
-    position_ids = np.zeros(len(filled) * width, dtype=np.int64)
-    input_ids = np.full(len(position_ids), pad_id, dtype=np.int64)
-    target = np.repeat(starts, lengths) + within
-    input_ids[target] = values[offsets[0]:offsets[-1]]
-    position_ids[target] = within
-    return input_ids.reshape(-1, width), position_ids.reshape(-1, width), starts
+    """Rows (one flat array plus offsets) in the padding-free layout (:class:`Packing`):
+    ``(input_ids, position_ids, starts)``."""
+    packing = Packing.of(offsets, width)
+    return packing.place(values, offsets, pad_id), packing.position_ids, packing.starts
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = PAD_MULTIPLE) -> tuple[np.ndarray, np.ndarray]:
