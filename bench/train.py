@@ -117,7 +117,8 @@ def run_bertray(args) -> dict:
 def measure(kind: str, argv: list[str]) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", kind, *argv], capture_output=True, text=True)
     if proc.returncode:
-        raise SystemExit(f"{kind} failed:\n{proc.stderr[-4000:]}")
+        print(f"{kind} failed:\n{proc.stderr[-4000:]}", file=sys.stderr, flush=True)
+        return {"error": proc.stderr[-4000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -136,26 +137,39 @@ def main() -> None:
         print(json.dumps(run_bertray(args) if args.worker in BERTRAY_WAYS
                          else run_trainer(args, best=args.worker == "best")))
         return
-    results = {k: measure(k, sys.argv[1:]) for k in args.ways}
     device = "1 GPU" if args.gpu else f"{os.cpu_count()} CPUs"
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    name = ("train_gpu" if args.gpu else "train") + ("" if args.ways == ["plain", "best", "bertray"] else "_ways")
+    record = {"model": args.model, "rows": args.rows, "max_length": args.max_length, "batch_size": args.batch_size,
+              "device": device, "ways": args.ways}
+    results = {}
+    for way in args.ways:  # each way's result is written as it lands: a run cut short keeps the ways it finished
+        results[way] = measure(way, sys.argv[1:])
+        print(f"{way}: {json.dumps(results[way])}", flush=True)
+        (out / f"{name}.json").write_text(json.dumps({**record, **results}, indent=2))
+    print_table(args, {k: r for k, r in results.items() if "error" not in r}, device)
+    failed = [k for k, r in results.items() if "error" in r]
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (the others' results are in {out / name}.json)")
+
+
+def print_table(args, results: dict, device: str) -> None:
     names = {"plain": "HF Trainer, pad to max_length, fp32, bs16",
              "best": f"HF Trainer, bf16, dynamic pad, group_by_length, bs{args.batch_size}",
              **{k: f"{k} (1 worker), bs{args.batch_size}" for k in BERTRAY_WAYS}}
-    base = results[args.ways[0]]["train_samples_per_s"]
+    if not results:
+        return
+    base_way = next(iter(results))
+    base = results[base_way]["train_samples_per_s"]
     print(f"\nTraining {args.model}, {args.rows:,} SST-2 rows, max_length {args.max_length}, 1 epoch, {device}")
-    print(f"{'way':<58}{'samples/s':>11}{'train s':>9}{'val acc':>9}{'peak RSS MB':>13}{'vs ' + args.ways[0]:>16}")
+    print(f"{'way':<58}{'samples/s':>11}{'train s':>9}{'val acc':>9}{'peak RSS MB':>13}{'vs ' + base_way:>16}")
     for k, r in results.items():
         ratio = r["train_samples_per_s"] / base
         print(f"{names[k]:<58}{r['train_samples_per_s']:>11.1f}{r['train_seconds']:>9.1f}{r['accuracy']:>9.4f}"
               f"{r['peak_rss_mb']:>13,.0f}{ratio:>15.2f}x")
     if {"plain", "best", "bertray"} <= set(results):
         print("\ntargets: bertray >= 8x plain at accuracy no more than 1 point lower; not slower than Trainer at its best")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"model": args.model, "rows": args.rows, "max_length": args.max_length, "batch_size": args.batch_size,
-              "device": device, **results}
-    name = ("train_gpu" if args.gpu else "train") + ("" if args.ways == ["plain", "best", "bertray"] else "_ways")
-    (out / f"{name}.json").write_text(json.dumps({**record, "ways": args.ways}, indent=2))
 
 
 if __name__ == "__main__":
