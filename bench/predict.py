@@ -3,6 +3,7 @@
     python bench/predict.py --model outputs/sst2-full/model      # 40,000 and 100,000 SST-2 rows (half an hour)
     python bench/predict.py --rows 2000 --skip-pipeline          # quick check that it works
     python bench/predict.py --rows 100000 --no-export            # the torch path only
+    python bench/predict.py --free-model --rows 100000 --growth --skip-pipeline --no-export   # the pipeline's ceiling
 
 First the model is exported (``jobs/export.py`` on a copy of it, timed on its own: a
 once-per-model step), measured on ``--held-out`` rows (default: SST-2 validation), so
@@ -86,6 +87,24 @@ def quick_classifier(directory: Path) -> Path:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, use_safetensors=True)
     model.save_pretrained(directory, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(directory)
+    return directory
+
+
+def free_classifier(directory: Path) -> Path:
+    """A 1-layer, 32-wide BERT with MiniLM's tokenizer: its forward pass costs almost nothing, so
+    the rows/s it gets is the ceiling that reading, tokenizing, Ray Data and writing set on this
+    host (what a night on a fast enough accelerator can reach at most)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from bertray.modeling import resolve_model_path
+
+    base = resolve_model_path("default")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=AutoTokenizer.from_pretrained(base).vocab_size, hidden_size=32,
+                        num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
     AutoTokenizer.from_pretrained(base).save_pretrained(directory)
     return directory
 
@@ -288,6 +307,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[40_000, 100_000])
     p.add_argument("--model", default=None, help="an HF sequence-classifier dir; default: MiniLM + fresh 2-label head")
+    p.add_argument("--free-model", action="store_true",
+                   help="a near-free 1-layer model instead: the ceiling the pipeline around the model sets")
     p.add_argument("--held-out", default=None, help="the export's check rows (default: full SST-2 validation)")
     p.add_argument("--no-export", action="store_true", help="no ONNX export: predict runs torch")
     p.add_argument("--max-length", type=int, default=128)
@@ -311,7 +332,8 @@ def main(argv=None) -> int:
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         tmp = Path(tmp)
-        model = Path(args.model).resolve() if args.model else quick_classifier(tmp / "fresh")
+        model = (Path(args.model).resolve() if args.model
+                 else free_classifier(tmp / "free") if args.free_model else quick_classifier(tmp / "fresh"))
         model, record, export_seconds = export_model(model, tmp, args)
         growth, last = args.growth, max(args.rows)
         for rows in sorted(args.rows):
@@ -322,7 +344,8 @@ def main(argv=None) -> int:
     print_export(record, export_seconds)
     for rows, results in runs.items():
         print_run(rows, results)
-    out = {"model": args.model or "MiniLM-L6 + fresh 2-label head", "max_length": args.max_length,
+    out = {"model": args.model or ("1-layer 32-wide BERT (--free-model)" if args.free_model
+                                   else "MiniLM-L6 + fresh 2-label head"), "max_length": args.max_length,
            "batch_size": args.batch_size, "overrides": args.overrides, "cpus": args.cpus, "machine": cpu_name(),
            "export": record, "export_seconds": export_seconds, "runs": runs,
            "speedup": {rows: r["bertray"]["rows_per_s"] / r["pipeline"]["rows_per_s"]
