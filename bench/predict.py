@@ -306,8 +306,9 @@ def print_run(rows: int, results: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[40_000, 100_000])
-    p.add_argument("--model", default=None, help="an HF sequence-classifier dir; default: MiniLM + fresh 2-label head")
-    p.add_argument("--free-model", action="store_true",
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, help="an HF sequence-classifier dir; default: MiniLM + fresh 2-label head")
+    which.add_argument("--free-model", action="store_true",
                    help="a near-free 1-layer model instead: the ceiling the pipeline around the model sets")
     p.add_argument("--held-out", default=None, help="the export's check rows (default: full SST-2 validation)")
     p.add_argument("--no-export", action="store_true", help="no ONNX export: predict runs torch")

@@ -146,7 +146,7 @@ def main() -> None:
     results = {}
     for way in args.ways:  # each way's result is written as it lands: a run cut short keeps the ways it finished
         results[way] = measure(way, sys.argv[1:])
-        print(f"{way}: {json.dumps(results[way])}", flush=True)
+        print(f"{way}: {'failed' if 'error' in results[way] else json.dumps(results[way])}", flush=True)
         (out / f"{name}.json").write_text(json.dumps({**record, **results}, indent=2))
     print_table(args, {k: r for k, r in results.items() if "error" not in r}, device)
     failed = [k for k, r in results.items() if "error" in r]
