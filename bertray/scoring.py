@@ -4,8 +4,9 @@
 ``batch_size`` rows padded only to their own longest row, and restores the rows' order.
 The forward pass is a *runner*: :class:`TorchRunner` (the Hugging Face model, weights in
 the AMP dtype) or :class:`OnnxRunner` (an ONNX Runtime session over a file that
-:mod:`bertray.export` wrote). The predict actors and the export's exactness check share
-this code, so what the check measured is what predict runs.
+:mod:`bertray.export` wrote); a runner's ``to_host`` gathers the micro-batches' logits once
+per window. The predict actors and the export's exactness check share this code, so what the
+check measured is what predict runs.
 """
 
 from __future__ import annotations
@@ -69,12 +70,19 @@ class TorchRunner:
         self.model = model.to(self.device).eval()
         self.attention = AttentionSwitch(self.model, INFERENCE_EAGER_MAX_WIDTH)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def __call__(self, batch: dict[str, np.ndarray]):
+        """float32 logits left on the model's device: on a GPU the host goes on to pad and launch
+        the next micro-batch while this one runs, and waits once, in :meth:`to_host`."""
         torch = self.torch
         inputs = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in batch.items()}
         self.attention(batch[IDS].shape[1])
         with torch.inference_mode():
-            return self.model(**inputs).logits.float().cpu().numpy()
+            return self.model(**inputs).logits.float()
+
+    def to_host(self, parts: list) -> np.ndarray:
+        """The micro-batches' logits, concatenated, as one host array."""
+        with self.torch.inference_mode():
+            return self.torch.cat(parts).cpu().numpy()
 
 
 class OnnxRunner:
@@ -99,6 +107,9 @@ class OnnxRunner:
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         feed = {name: batch[name] if name in batch else np.zeros_like(batch[IDS]) for name in self.inputs}
         return self.session.run(["logits"], feed)[0]
+
+    def to_host(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts)
 
 
 def import_onnxruntime():
@@ -139,13 +150,11 @@ class Scorer:
         # contiguous, offsets from 0: each column as (values, offsets) numpy views, taken once per call
         flat = {c: ordered.column(c).combine_chunks() for c in ordered.column_names}
         flat = {c: (a.values.to_numpy(), a.offsets.to_numpy()) for c, a in flat.items()}
-        out = None
-        for start in range(0, n, self.batch_size):
-            stop = min(start + self.batch_size, n)
-            logits = self.runner(self._inputs(flat, start, stop))
-            if out is None:
-                out = np.empty((n, logits.shape[1]), dtype=np.float32)
-            out[order[start:stop]] = logits
+        parts = [self.runner(self._inputs(flat, start, min(start + self.batch_size, n)))
+                 for start in range(0, n, self.batch_size)]
+        logits = self.runner.to_host(parts)  # in length order
+        out = np.empty_like(logits)
+        out[order] = logits
         return out
 
     def _inputs(self, flat: dict[str, tuple[np.ndarray, np.ndarray]], start: int, stop: int) -> dict[str, np.ndarray]:
