@@ -170,8 +170,9 @@ class TrainConfig:
     multiple of 8 on GPUs) instead of padding every text to the batch's longest: Hugging Face's
     padding-free layout, ``position_ids`` restarting at each text so attention stays within it.
     The logits are the padded path's. The linear layers skip the padding; with SDPA or eager
-    attention each text's attention spans its packed row (masked), while ``flash_attention_2``
-    and ``flex_attention`` skip the masked blocks. BERT-type models (``model_type: bert``).
+    attention each text's attention spans its packed row (masked), while ``flex_attention``
+    skips the masked blocks. BERT-type models (``model_type: bert``) with SDPA, eager or flex
+    attention (``flash_attention_2`` is refused: it would let packed texts see each other).
     Measured in docs/benchmarks.md, "Padding-free batches and torch.compile"."""
     torch_compile: bool = False
     """Compile the model with ``torch.compile`` (TorchInductor) before training: fewer, fused
@@ -479,7 +480,8 @@ def _padding_free_problems(model: str) -> list[str]:
     from bertray.modeling import model_config_json, padding_free_problem  # modeling imports this module
 
     config, where = model_config_json(model)
-    problem = padding_free_problem(config.get("model_type")) if config is not None else None
+    problem = (padding_free_problem(config.get("model_type"), attention=config.get("attn_implementation"))
+               if config is not None else None)
     return [f"model {model!r} ({where}): {problem}"] if problem else []
 
 

@@ -247,16 +247,26 @@ class AttentionSwitch:
 PADDING_FREE_MODEL_TYPES = ("bert",)
 """Model types whose classifier :func:`enable_padding_free` can run on packed rows."""
 PADDING_FREE_CLASSES = ("BertForSequenceClassification",)
+PADDING_FREE_ATTENTION = ("sdpa", "eager", "flex_attention")
+"""Attention implementations whose masks Hugging Face builds from the ``position_ids`` of packed
+rows. Its FlashAttention path finds the texts only when a batch is a single packed row, so with
+more rows every text would attend to its neighbours."""
 
 
-def padding_free_problem(model_type: str | None, class_name: str | None = None) -> str | None:
-    """Why ``train.padding_free`` cannot train this model (None: it can). ``class_name``: the
-    loaded model's class, unknown before it loads (the config check has only config.json)."""
-    if model_type in PADDING_FREE_MODEL_TYPES and class_name in (None, *PADDING_FREE_CLASSES):
-        return None
-    return (f"train.padding_free=true needs a BERT-type model (model_type in {list(PADDING_FREE_MODEL_TYPES)}, "
-            f"class {', '.join(PADDING_FREE_CLASSES)}); this one is model_type={model_type!r}"
-            + (f", class {class_name}" if class_name else "") + ". Set train.padding_free=false")
+def padding_free_problem(model_type: str | None, class_name: str | None = None,
+                         attention: str | None = None) -> str | None:
+    """Why ``train.padding_free`` cannot train this model (None: it can). ``class_name`` and
+    ``attention``: the loaded model's class and attention implementation (the config check has
+    only config.json: its ``attn_implementation``, when it names one)."""
+    if model_type not in PADDING_FREE_MODEL_TYPES or class_name not in (None, *PADDING_FREE_CLASSES):
+        return (f"train.padding_free=true needs a BERT-type model (model_type in {list(PADDING_FREE_MODEL_TYPES)}, "
+                f"class {', '.join(PADDING_FREE_CLASSES)}); this one is model_type={model_type!r}"
+                + (f", class {class_name}" if class_name else "") + ". Set train.padding_free=false")
+    if attention not in (None, *PADDING_FREE_ATTENTION):
+        return (f"train.padding_free=true needs attention in {list(PADDING_FREE_ATTENTION)} (their masks keep "
+                f"packed texts apart); this model uses attn_implementation={attention!r}. Remove "
+                "attn_implementation from the model's config.json, or set train.padding_free=false")
+    return None
 
 
 def enable_padding_free(model) -> None:
@@ -271,9 +281,11 @@ def enable_padding_free(model) -> None:
     DDP, ``torch.compile`` and ``save_pretrained`` see the model's own class and weight names.
 
     Raises:
-        BertrayError: the model is not a BERT-type sequence classifier.
+        BertrayError: the model is not a BERT-type sequence classifier, or its attention is not
+            one of :data:`PADDING_FREE_ATTENTION`.
     """
-    problem = padding_free_problem(getattr(model.config, "model_type", None), type(model).__name__)
+    problem = padding_free_problem(getattr(model.config, "model_type", None), type(model).__name__,
+                                   getattr(model.config, "_attn_implementation", None))
     if problem:
         raise BertrayError(problem)
     model.forward = functools.partial(_padding_free_forward, model)  # a partial pickles; a bound method would not

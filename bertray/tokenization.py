@@ -131,6 +131,9 @@ def first_fit(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, 
         n = int(lengths[row])
         if n > width:
             raise ValueError(f"a row of {n} tokens does not fit a packed row of {width} tokens")
+        if n == 0:  # it would start where the next row starts, and be classified by that row's first token
+            raise ValueError("a text tokenized to no tokens cannot be packed: its tokenizer adds no special "
+                             "tokens such as [CLS]; use one that does, or set train.padding_free=false")
         b = next((b for b, filled in enumerate(bins) if filled + n <= width), len(bins))
         if b == len(bins):
             bins.append(0)

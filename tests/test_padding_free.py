@@ -3,6 +3,8 @@ with the real MiniLM on real SST-2 and MRPC rows, on CPU (the paths GPUs run, ch
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -87,6 +89,12 @@ def test_pack_refuses_a_text_longer_than_a_row():
         pack_flat(np.ones(72), np.array([0, 2, 72]), 0, 64)
 
 
+def test_pack_refuses_a_text_with_no_tokens():
+    # it would start where the next text starts and be classified by that text's first token
+    with pytest.raises(ValueError, match="no tokens cannot be packed.*train.padding_free=false"):
+        pack_flat(np.ones(5), np.array([0, 5, 5]), 0, 64)
+
+
 def _loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict]:
     model.zero_grad()
     batch = dict(batch)
@@ -113,6 +121,15 @@ def test_padding_free_logits_and_gradients_equal_the_padded_path(model, rows, at
         torch.testing.assert_close(got_grads[name], ref_grads[name], atol=1e-5, rtol=1e-3)
 
 
+def test_padding_free_logits_equal_the_padded_path_with_flex_attention(model, mrpc):
+    """flex_attention skips the masked blocks; its backward has no CPU kernel, so forward only here."""
+    model.set_attn_implementation("flex_attention")
+    padded, packed = collate(mrpc, 0, CPU), collate_padding_free(mrpc, 0, 128, CPU)
+    padded.pop("labels"), packed.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**packed).logits, model(**padded).logits, atol=2e-5, rtol=1e-4)
+
+
 def test_padding_free_model_still_takes_padded_batches(model, sst2):
     batch = collate(sst2, 0, CPU)
     batch.pop("labels")
@@ -133,6 +150,24 @@ def test_padding_free_refuses_a_model_it_cannot_pool(tmp_path):
     with pytest.raises(ConfigError, match=r"train.padding_free=true needs a BERT-type model.*distilbert"):
         smoke_config(tmp_path / "out", f"model.name={tmp_path / 'distil'}", "train.padding_free=true")
     smoke_config(tmp_path / "out", f"model.name={tmp_path / 'distil'}")  # the same model without it: fine
+
+
+def test_padding_free_refuses_flash_attention(tmp_path):
+    """Hugging Face's FlashAttention path keeps packed texts apart only in a one-row batch."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64))
+    model.config._attn_implementation_internal = "flash_attention_2"  # flash-attn itself needs a GPU
+    with pytest.raises(BertrayError, match="attn_implementation='flash_attention_2'.*train.padding_free=false"):
+        enable_padding_free(model)
+    model.config._attn_implementation_internal = "sdpa"
+    model.save_pretrained(tmp_path / "bert")
+    config = json.loads((tmp_path / "bert" / "config.json").read_text())
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({**config, "attn_implementation": "flash_attention_2"}))
+    with pytest.raises(ConfigError, match=r"needs attention in \['sdpa', 'eager', 'flex_attention'\]"):
+        smoke_config(tmp_path / "out", f"model.name={tmp_path / 'bert'}", "train.padding_free=true")
+    smoke_config(tmp_path / "out", f"model.name={tmp_path / 'bert'}")  # the same model without it: fine
 
 
 @pytest.mark.slow
