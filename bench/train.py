@@ -155,11 +155,11 @@ def main() -> None:
 
 
 def print_table(args, results: dict, device: str) -> None:
+    if not results:
+        return
     names = {"plain": "HF Trainer, pad to max_length, fp32, bs16",
              "best": f"HF Trainer, bf16, dynamic pad, group_by_length, bs{args.batch_size}",
              **{k: f"{k} (1 worker), bs{args.batch_size}" for k in BERTRAY_WAYS}}
-    if not results:
-        return
     base_way = next(iter(results))
     base = results[base_way]["train_samples_per_s"]
     print(f"\nTraining {args.model}, {args.rows:,} SST-2 rows, max_length {args.max_length}, 1 epoch, {device}")

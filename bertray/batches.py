@@ -41,10 +41,11 @@ def collate_padding_free(table: pa.Table, pad_id: int, max_length: int, device: 
     and ``sequence_starts`` (each text's first token, for the classifier head) instead of an
     ``attention_mask``. For a model prepared by :func:`bertray.modeling.enable_padding_free`."""
     ids = table.column("input_ids").combine_chunks()
+    offsets = ids.offsets.to_numpy()
     multiple = pad_multiple(device.type)
     width = -(-max_length // multiple) * multiple
-    packing = Packing.of(ids.offsets.to_numpy(), width)
-    batch = {"input_ids": torch.from_numpy(packing.place(ids.values.to_numpy(), ids.offsets.to_numpy(), pad_id)),
+    packing = Packing.of(offsets, width)
+    batch = {"input_ids": torch.from_numpy(packing.place(ids.values.to_numpy(), offsets, pad_id)),
              "position_ids": torch.from_numpy(packing.position_ids), "sequence_starts": torch.from_numpy(packing.starts)}
     if "token_type_ids" in table.column_names:
         types = table.column("token_type_ids").combine_chunks()  # the same row lengths as input_ids
