@@ -163,3 +163,33 @@ def test_a_threshold_on_a_single_label_model_is_a_config_error(classifier, parqu
                "threshold=0.3") == 2
     assert "threshold=0.3: only a multi-label model uses a threshold" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_scan_tasks_group_small_parquet_files_and_keep_one_per_csv_file():
+    from bertray.predict.scan import SCAN_TASK_ROWS, scan_groups
+
+    small = SCAN_TASK_ROWS // 4
+    rows = {"a": small, "b": small, "c": small, "d": small, "e": SCAN_TASK_ROWS * 2, "f": 1}
+    assert scan_groups(list(rows), rows) == [["a", "b", "c", "d"], ["e"], ["f"]]
+    assert scan_groups(["a"], {"a": 0}) == [["a"]]
+    assert scan_groups(["x.csv", "y.csv"], None) == [["x.csv"], ["y.csv"]]
+
+
+def test_the_scan_sums_every_file_of_every_task_and_checks_the_footers(tmp_path, monkeypatch, ray_session):
+    from bertray.errors import DataError
+    from bertray.predict import scan
+
+    files, rows = [], {}
+    for i in range(5):  # 40 rows a file; tasks of >= 100 rows: files 0-2, then 3-4
+        texts = [f"text {i}-{j}" for j in range(38)] + ["", None]
+        path = tmp_path / f"part-{i}.parquet"
+        pq.write_table(pa.table({"text": texts, "label": ["pos", "neg"] * 20}), path)
+        files.append(str(path))
+        rows[str(path)] = 40
+    monkeypatch.setattr(scan, "SCAN_TASK_ROWS", 100)
+    assert [len(g) for g in scan.scan_groups(files, rows)] == [3, 2]
+    required = {"text_column": "text", "label_column": "label"}
+    stats = scan.scan_input(str(tmp_path), files, "parquet", required, rows)
+    assert (stats.rows, stats.null, stats.empty, stats.labels) == (200, 5, 5, {"pos": 100, "neg": 100})
+    with pytest.raises(DataError, match=r"footers say 201 rows but reading gives 200; the input changed"):
+        scan.scan_input(str(tmp_path), files, "parquet", required, {**rows, files[-1]: 41})

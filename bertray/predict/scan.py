@@ -1,4 +1,5 @@
-"""The input scan: one streaming pass, a Ray task per file, that decodes every page and keeps nothing.
+"""The input scan: one streaming pass, in Ray tasks of about a million rows each, that decodes every
+page and keeps nothing.
 
 It counts rows, null and empty texts and labels, and finds damaged pages and malformed
 files before any prediction work, naming the file (Ray's readers would fail mid-run
@@ -27,10 +28,12 @@ from bertray.storage import filesystem
 
 FORMAT_NAMES = {"parquet": "Parquet", "csv": "CSV", "json": "JSONL"}
 SCAN_BATCH_ROWS = 65536
+SCAN_TASK_ROWS = 1_000_000
+"""Rows one scan task reads, when the Parquet footers give each file's rows. A task per small file
+would start a worker process per file (seconds each, on a fresh many-core node) to read it in
+milliseconds; a million short rows decode in about half a second."""
 
 # ----------------------------------------------------------------------------- listing
-# The two places predict lists files; bertray.paths.list_files (one listing rule for every
-# job) replaces both once it exists.
 
 
 def input_files(path: str) -> list[str]:
@@ -138,9 +141,8 @@ def _count_labels(col: pa.ChunkedArray | pa.Array, labels: dict) -> None:
         labels[key] = labels.get(key, 0) + c["counts"]
 
 
-def scan_file(row: dict, fmt: str, required: dict[str, str]) -> dict:
+def scan_file(path: str, fmt: str, required: dict[str, str]) -> dict:
     """One input file: rows, null/empty texts, label counts; a problem is reported, not raised."""
-    path = row["file"]
     rec = {"file": path, "rows": 0, "null": 0, "empty": 0, "labels": "[]", "error": "", "problem": ""}
     text_col, label_col = required["text_column"], required.get("label_column")
     labels: dict = {}
@@ -162,9 +164,33 @@ def scan_file(row: dict, fmt: str, required: dict[str, str]) -> dict:
     return rec
 
 
+def scan_task(row: dict, fmt: str, required: dict[str, str]) -> list[dict]:
+    """One scan task: :func:`scan_file` of each of its files."""
+    return [scan_file(path, fmt, required) for path in row["files"]]
+
+
+def scan_groups(files: list[str], file_rows: dict[str, int] | None) -> list[list[str]]:
+    """The files in order, cut into tasks of at least :data:`SCAN_TASK_ROWS` rows (the last may
+    hold fewer); a task per file when the rows are unknown (CSV/JSONL)."""
+    if file_rows is None:
+        return [[f] for f in files]
+    groups: list[list[str]] = [[]]
+    rows = 0
+    for f in files:
+        if rows >= SCAN_TASK_ROWS:
+            groups.append([])
+            rows = 0
+        groups[-1].append(f)
+        rows += file_rows[f]
+    return groups
+
+
 def scan_input(input_path: str, files: list[str], fmt: str, required: dict[str, str],
-               footer_rows: int | None) -> ScanStats:
+               file_rows: dict[str, int] | None) -> ScanStats:
     """Scan every file in parallel Ray tasks and sum the counts.
+
+    ``file_rows``: each file's rows from its Parquet footer (None for CSV/JSONL); they size the
+    tasks, and the rows read must add up to them.
 
     Raises:
         DataError: an unreadable file, a bad schema (CSV/JSONL), or Parquet footers that
@@ -174,8 +200,8 @@ def scan_input(input_path: str, files: list[str], fmt: str, required: dict[str, 
 
     from bertray.data import TASK_CPUS  # scan tasks import this module: it stays free of torch
 
-    scans = ray.data.from_items([{"file": f} for f in files]).map(
-        scan_file, num_cpus=TASK_CPUS, fn_kwargs={"fmt": fmt, "required": required})
+    scans = ray.data.from_items([{"files": g} for g in scan_groups(files, file_rows)]).flat_map(
+        scan_task, num_cpus=TASK_CPUS, fn_kwargs={"fmt": fmt, "required": required})
     stats, problems = ScanStats(), []
     for rec in scans.iter_rows():
         problems += [p for p in (rec["error"], rec["problem"]) if p]
@@ -186,6 +212,7 @@ def scan_input(input_path: str, files: list[str], fmt: str, required: dict[str, 
             stats.labels[key] = stats.labels.get(key, 0) + n
     if problems:
         raise DataError("; ".join(sorted(problems)))
+    footer_rows = None if file_rows is None else sum(file_rows.values())
     if footer_rows is not None and stats.rows != footer_rows:
         raise DataError(f"{input_path}: Parquet footers say {footer_rows} rows but reading gives {stats.rows}; "
                         "the input changed during the run. Run again once it is complete.")
