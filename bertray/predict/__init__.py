@@ -11,9 +11,9 @@ Steps, all streaming (nothing materializes the dataset):
    to the length it was trained with; the backend, from its ONNX export's record, see
    :mod:`bertray.export`), and every input file's Parquet footer: row counts,
    text/label columns present, text is strings (dictionary-encoded too).
-2. Scan (:mod:`.scan`): one Ray task per file decodes every page, keeping nothing, counts
-   null/empty texts and labels, and names any damaged file; in evaluate mode unknown or null
-   labels fail here, with counts.
+2. Scan (:mod:`.scan`): Ray tasks of about a million rows each (one per file for CSV/JSONL)
+   decode every page, keeping nothing, count null/empty texts and labels, and name any
+   damaged file; in evaluate mode unknown or null labels fail here, with counts.
 3. Predict (:mod:`.predictor`): ``read (tasks) -> tokenize (CPU actors) -> predict (actors)
    -> write pieces (one actor)``: each input file's predictions become a piece
    (:mod:`bertray.pieces`), and the files finished by an earlier run of the same command are

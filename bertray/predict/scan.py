@@ -29,9 +29,11 @@ from bertray.storage import filesystem
 FORMAT_NAMES = {"parquet": "Parquet", "csv": "CSV", "json": "JSONL"}
 SCAN_BATCH_ROWS = 65536
 SCAN_TASK_ROWS = 1_000_000
-"""Rows one scan task reads, when the Parquet footers give each file's rows. A task per small file
-would start a worker process per file (seconds each, on a fresh many-core node) to read it in
-milliseconds; a million short rows decode in about half a second."""
+SCAN_TASK_FILES = 64
+"""A scan task reads files until it has this many rows (known from the Parquet footers) or files.
+A task per small file would start a worker process per file (seconds each, on a fresh many-core
+node) to read it in milliseconds; a million short rows decode in about half a second, and 64 files
+bound the task's time spent opening files on an object store."""
 
 # ----------------------------------------------------------------------------- listing
 
@@ -170,14 +172,14 @@ def scan_task(row: dict, fmt: str, required: dict[str, str]) -> list[dict]:
 
 
 def scan_groups(files: list[str], file_rows: dict[str, int] | None) -> list[list[str]]:
-    """The files in order, cut into tasks of at least :data:`SCAN_TASK_ROWS` rows (the last may
-    hold fewer); a task per file when the rows are unknown (CSV/JSONL)."""
+    """The files in order, cut into tasks of :data:`SCAN_TASK_ROWS` rows or :data:`SCAN_TASK_FILES`
+    files, whichever comes first; a task per file when the rows are unknown (CSV/JSONL)."""
     if file_rows is None:
         return [[f] for f in files]
     groups: list[list[str]] = [[]]
     rows = 0
     for f in files:
-        if rows >= SCAN_TASK_ROWS:
+        if rows >= SCAN_TASK_ROWS or len(groups[-1]) >= SCAN_TASK_FILES:
             groups.append([])
             rows = 0
         groups[-1].append(f)
