@@ -1,6 +1,6 @@
 """Predict's preflight through the real CLI entry: refusals that come before Ray starts, and the
 model's own max_length. The model is the pip-shipped MiniLM, its config made a classifier's (no
-weights are loaded before Ray)."""
+weights are loaded before Ray). Then the page scan that follows it: how files become tasks."""
 
 from __future__ import annotations
 
