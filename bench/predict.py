@@ -264,7 +264,10 @@ def compare(rows: int, model: Path, directory: Path, args) -> dict:
             "rss_ratio": results["bertray"]["peak_rss_mib"] / small["peak_rss_mib"],
             "uss_ratio": results["bertray"]["peak_uss_mib"] / small["peak_uss_mib"],
             # throughput without the fixed start-up cost (actors, scan), from the two runs
-            "marginal_rows_per_s": (rows - small_rows) / max(results["bertray"]["seconds"] - small["seconds"], 1e-9)}
+            "marginal_rows_per_s": (rows - small_rows) / max(results["bertray"]["seconds"] - small["seconds"], 1e-9),
+            # the same from the predict stage alone (actors, read, tokenize, score, write): without the checks
+            "marginal_predict_stage_rows_per_s": (rows - small_rows) / max(
+                results["bertray"]["stage_seconds"]["predict"] - small["stage_seconds"]["predict"], 1e-9)}
     return results
 
 
@@ -300,7 +303,8 @@ def print_run(rows: int, results: dict) -> None:
     if growth:
         fixed = growth["seconds_small"] - growth["rows_small"] / growth["marginal_rows_per_s"]
         print(f"memory growth {growth['rows_small']} -> {rows} rows: peak RSS x{growth['rss_ratio']:.2f}, peak USS "
-              f"x{growth['uss_ratio']:.2f}; marginal {growth['marginal_rows_per_s']:.1f} rows/s, start-up ~{fixed:.1f} s")
+              f"x{growth['uss_ratio']:.2f}; marginal {growth['marginal_rows_per_s']:.1f} rows/s, start-up ~{fixed:.1f} s; "
+              f"predict stage alone: marginal {growth['marginal_predict_stage_rows_per_s']:.1f} rows/s")
 
 
 def main(argv=None) -> int:
