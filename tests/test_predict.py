@@ -118,7 +118,7 @@ def test_rows_in_equal_rows_out_and_input_columns_unchanged(main_run, trec_input
     assert written.column("text")[5].as_py() is None  # a null text stays null in the output
     assert summary["null_texts"] == 1 and summary["empty_texts"] == 3
     stages = summary["stage_seconds"]  # main_run evaluates too (label_column set)
-    assert list(stages) == ["checks", "predict", "collect", "evaluate", "report"] and min(stages.values()) >= 0
+    assert list(stages) == ["preflight", "scan", "predict", "collect", "evaluate", "report"] and min(stages.values()) >= 0
     assert sum(stages.values()) <= summary["seconds"] + 0.01
     assert json.loads((final / SUCCESS_FILE).read_text()) == summary
     assert not leftovers(final)

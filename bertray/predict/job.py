@@ -57,10 +57,11 @@ def run(cfg: PredictConfig, formats: tuple[str, ...] = PREDICT_FORMATS) -> dict:
     init_ray()
     check_resources(cfg)
     _warn_stale(plan)
+    clock.lap("preflight")
     stats = scan_input(cfg.input, plan.files, plan.fmt, required_columns(cfg), plan.file_rows)
     if cfg.label_column and plan.model.problem.name == SINGLE:  # the others' labels are checked as they are scored
         check_labels(cfg.input, cfg.label_column, stats.labels, plan.model.label2id)
-    clock.lap("checks")
+    clock.lap("scan")
     inputs, resume = _predict_pieces(cfg, plan, stats.rows)
     clock.lap("predict")
     with storage.staged(plan.fs, plan.final, plan.output) as stage:
