@@ -265,7 +265,7 @@ def compare(rows: int, model: Path, directory: Path, args) -> dict:
             "uss_ratio": results["bertray"]["peak_uss_mib"] / small["peak_uss_mib"],
             # throughput without the fixed start-up cost (actors, scan), from the two runs
             "marginal_rows_per_s": (rows - small_rows) / max(results["bertray"]["seconds"] - small["seconds"], 1e-9),
-            # the same from the predict stage alone (actors, read, tokenize, score, write): without the checks
+            # the same from the predict stage alone (actors, read, tokenize, score, write): no preflight or scan
             "marginal_predict_stage_rows_per_s": (rows - small_rows) / max(
                 results["bertray"]["stage_seconds"]["predict"] - small["stage_seconds"]["predict"], 1e-9)}
     return results
