@@ -155,7 +155,7 @@ def test_a_dictionary_encoded_text_column_passes_the_footer_check(classifier, tm
     assert pa.types.is_dictionary(pq.read_schema(path).field("text").type)
     cfg = load_config(CONFIG, [f"model.path={classifier}", f"input={path}", f"output={tmp_path / 'out'}"],
                       PredictConfig)
-    assert preflight(cfg).footer_rows == 3
+    assert preflight(cfg).file_rows == {str(path): 3}
 
 
 def test_a_threshold_on_a_single_label_model_is_a_config_error(classifier, parquet_input, tmp_path, capsys):

@@ -57,11 +57,6 @@ class Plan:
     baselines: Baselines
     registered: dict | None = None  # the registry version model.path named (bertray.tracking.RegisteredModel)
 
-    @property
-    def footer_rows(self) -> int | None:
-        """Rows from the Parquet footers; None for CSV/JSONL (counted by the scan)."""
-        return None if self.file_rows is None else sum(self.file_rows.values())
-
 
 @dataclass(frozen=True)
 class Baselines:

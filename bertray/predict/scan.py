@@ -214,8 +214,7 @@ def scan_input(input_path: str, files: list[str], fmt: str, required: dict[str, 
             stats.labels[key] = stats.labels.get(key, 0) + n
     if problems:
         raise DataError("; ".join(sorted(problems)))
-    footer_rows = None if file_rows is None else sum(file_rows.values())
-    if footer_rows is not None and stats.rows != footer_rows:
+    if file_rows is not None and stats.rows != (footer_rows := sum(file_rows.values())):
         raise DataError(f"{input_path}: Parquet footers say {footer_rows} rows but reading gives {stats.rows}; "
                         "the input changed during the run. Run again once it is complete.")
     return stats
